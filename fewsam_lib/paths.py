@@ -1,0 +1,29 @@
+"""Where things live. Every location comes from an environment variable with a repo-local default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _from_env(variable: str, default: Path) -> Path:
+    value = os.environ.get(variable)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def data_root() -> Path | None:
+    """``FEWSAM_DATA``: the folder that holds the datasets manifests refer to (None when unset)."""
+    value = os.environ.get("FEWSAM_DATA")
+    return Path(value).expanduser().resolve() if value else None
+
+
+def cache_root() -> Path:
+    """``FEWSAM_CACHE``: the embedding cache (default ``<repo>/.cache/embeddings``, git-ignored)."""
+    return _from_env("FEWSAM_CACHE", REPO_ROOT / ".cache" / "embeddings")
+
+
+def weights_root() -> Path:
+    """``FEWSAM_WEIGHTS``: verified checkpoints (default ``<repo>/weights``, git-ignored)."""
+    return _from_env("FEWSAM_WEIGHTS", REPO_ROOT / "weights")

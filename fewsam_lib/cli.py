@@ -1,4 +1,4 @@
-"""The ``fewsam`` command line: ``validate``, ``embed``, ``weights``.
+"""The ``fewsam`` command line: ``validate``, ``embed``, ``weights``, ``data``.
 
 User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
 for a bad manifest, file or checkpoint.
@@ -92,6 +92,20 @@ def _weights(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from .datasets import DATASETS, fetch_dataset, local_copy
+
+    for name in args.names or list(DATASETS):
+        present = local_copy(name, args.root) if name in DATASETS else None
+        if present is not None:
+            print(f"{name}: found at {present} (nothing downloaded)")
+        elif args.action == "fetch":
+            print(f"{name}: downloaded to {fetch_dataset(name, args.root)}")
+        else:
+            print(f"{name}: missing; `fewsam data fetch {name}` downloads it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewsam", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--download", action="store_true",
                          help="allow the official download URL (SAM ViT-B/L/H; needs the internet)")
     weights.set_defaults(handler=_weights)
+
+    data = sub.add_parser("data", help="find (or download) the public datasets of the shipped manifests")
+    data.add_argument("action", choices=["list", "fetch"])
+    data.add_argument("names", nargs="*", help="datasets (default: all)")
+    data.add_argument("--root", default=None, help="data folder (default: $FEWSAM_DATA)")
+    data.set_defaults(handler=_data)
     return parser
 
 

@@ -1,0 +1,54 @@
+# fewsam — every workflow is a target. `make setup && make test` on a fresh clone.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+FEWSAM := $(VENV)/bin/fewsam
+STAMP  := $(VENV)/.fewsam-installed
+
+# Locations (override in the environment). Data is read in place, never copied into the repo.
+export FEWSAM_DATA    ?= $(abspath $(CURDIR)/../shared/data)
+export FEWSAM_CACHE   ?= $(CURDIR)/.cache/embeddings
+export FEWSAM_WEIGHTS ?= $(CURDIR)/weights
+
+# Original SAM checkpoints to download from Meta's official URLs, e.g. `make weights SAM="vit_b vit_h"`.
+SAM ?=
+
+.PHONY: help setup weights data test validate clean
+
+help:
+	@echo "make setup     virtual environment in $(VENV) with pinned dependencies, plus verified weights"
+	@echo "make test      the test suite (real data from FEWSAM_DATA=$(FEWSAM_DATA))"
+	@echo "make weights   fetch and verify MobileSAM + LiteMedSAM (add SAM=\"vit_b\" to download SAM ViT-B)"
+	@echo "make data      check the datasets under FEWSAM_DATA (download MSD Task04 if it is missing)"
+	@echo "make validate  validate every manifest in data_manifests/"
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when the pins or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP) weights
+
+weights: $(STAMP)
+	$(FEWSAM) weights fetch mobile_sam lite_medsam
+	@for variant in $(SAM); do $(FEWSAM) weights fetch sam_$$variant --download || exit 1; done
+
+data: $(STAMP)
+	$(FEWSAM) data fetch msd_hippocampus
+
+validate: $(STAMP)
+	@for manifest in data_manifests/*.yaml; do $(FEWSAM) validate --quiet $$manifest || exit 1; done
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf .cache .pytest_cache

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real hippocampus data (``FEWSAM_DATA``) and the real verified backbones."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("FEWSAM_DATA", str((REPO.parent / "shared" / "data").resolve()))
+HIPPOCAMPUS_MANIFEST = REPO / "data_manifests" / "msd_hippocampus.yaml"
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def hippocampus():
+    from fewsam_lib.manifest import load_manifest
+
+    return load_manifest(HIPPOCAMPUS_MANIFEST)
+
+
+@pytest.fixture(scope="session")
+def hippocampus_slices(hippocampus):
+    """Four real grey-level slices of the first test case that contain hippocampus."""
+    from fewsam_lib.volumes import load_case, normalise_intensity, take_slice
+
+    case_id = hippocampus.case_ids("test")[0]
+    volume = load_case(hippocampus, case_id)
+    grey = normalise_intensity(volume.image, hippocampus.intensity)
+    axis = hippocampus.slice_axis
+    labelled = [i for i in range(grey.shape[axis]) if take_slice(volume.label, axis, i).any()]
+    middle = len(labelled) // 2
+    return [take_slice(grey, axis, i) for i in labelled[middle - 2: middle + 2]]
+
+
+@pytest.fixture(scope="session")
+def mobile_sam():
+    from fewsam_lib.backbones import load_backbone
+
+    return load_backbone("mobile_sam")
+
+
+@pytest.fixture(scope="session")
+def lite_medsam():
+    from fewsam_lib.backbones import load_backbone
+
+    return load_backbone("lite_medsam")
+
+
+@pytest.fixture
+def mini_dataset(tmp_path, hippocampus):
+    """A writable copy of three real hippocampus cases and a manifest for them (for breaking)."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    case_ids = hippocampus.case_ids("train")[:2] + hippocampus.case_ids("test")[:1]
+    for case_id in case_ids:
+        case = hippocampus.case(case_id)
+        shutil.copy(case.image, root / "images" / case.image.name)
+        shutil.copy(case.label, root / "labels" / case.label.name)
+    return root, case_ids
+
+
+def write_manifest(path: Path, root: Path, case_ids: list[str], **overrides) -> Path:
+    """A manifest in the shipped format over ``case_ids`` under ``root``; keys can be overridden."""
+    import yaml
+
+    manifest = {
+        "dataset": "mini_hippocampus",
+        "modality": "MRI",
+        "root": str(root),
+        "pairs": {"glob": {"image": "images/*.nii.gz", "label": "labels/{case_id}.nii.gz"}},
+        "labels": {1: "anterior", 2: "posterior"},
+        "slice_axis": "axial",
+        "intensity": {"mode": "percentile", "lower": 0.5, "upper": 99.5},
+        "split": {"train": case_ids[:-1], "test": case_ids[-1:]},
+    }
+    manifest.update(overrides)
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return path

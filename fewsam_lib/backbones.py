@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
@@ -112,7 +113,7 @@ class BackboneSpec:
     def preprocessing(self) -> dict[str, Any]:
         """Everything about the encoder input that the embedding cache key must cover."""
         return {
-            "resize": "longest_side_bilinear_align_corners_false",
+            "resize": "longest_side_bilinear_antialias_align_corners_false",
             "input_size": self.input_size,
             "pixel_mean": list(self.pixel_mean),
             "pixel_std": list(self.pixel_std),
@@ -181,8 +182,11 @@ def prepare_input(grey: np.ndarray, spec: BackboneSpec, model: Sam) -> torch.Ten
         raise ValueError(f"expected a 2D slice, got shape {grey.shape}")
     image = torch.as_tensor(np.ascontiguousarray(grey), dtype=torch.float32, device=model.device)
     image = image[None, None].expand(1, 3, *grey.shape)
-    # SAM's own resize for torch inputs (bilinear, align_corners=False), then SAM's normalise + pad.
-    resized = ResizeLongestSide(spec.input_size).apply_image_torch(image)
+    # SAM's longest-side target size and interpolation. Not ResizeLongestSide.apply_image_torch:
+    # in segment-anything 1.0 it reads the size from the batch and channel dims (a 35x51 slice
+    # comes out 341x1024 instead of 703x1024).
+    target = resized_shape(*grey.shape, spec.input_size)
+    resized = F.interpolate(image, target, mode="bilinear", align_corners=False, antialias=True)
     return model.preprocess(resized)[0]
 
 

@@ -1,0 +1,143 @@
+"""The embedding cache with the real MobileSAM encoder on real hippocampus slices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_manifest
+from fewsam_lib import cache as cache_module
+from fewsam_lib.cache import EmbeddingCache
+from fewsam_lib.cli import main
+
+FP16_TOLERANCE = 2e-2  # embeddings are stored as float16
+
+
+@pytest.fixture
+def cache(tmp_path, mobile_sam):
+    return EmbeddingCache(mobile_sam, root=tmp_path / "cache")
+
+
+def _refuse_to_load(monkeypatch):
+    def load_backbone(*args, **kwargs):
+        raise AssertionError("the encoder was needed although every slice should be cached")
+
+    monkeypatch.setattr(cache_module, "load_backbone", load_backbone)
+
+
+def test_second_pass_is_all_hits_without_loading_a_model(cache, mobile_sam, hippocampus_slices, monkeypatch):
+    slices = hippocampus_slices[:2]
+    first = cache.get_many(slices, progress=False)
+    assert (cache.stats.hits, cache.stats.misses) == (0, 2)
+    with torch.inference_mode():
+        direct = mobile_sam.model.image_encoder(torch.stack([mobile_sam.prepare(s) for s in slices]))
+    assert torch.allclose(first, direct, atol=FP16_TOLERANCE)
+
+    _refuse_to_load(monkeypatch)
+    again = EmbeddingCache("mobile_sam", root=cache.root)  # a new process would start like this
+    second = again.get_many(slices, progress=False)
+    assert (again.stats.hits, again.stats.misses, again.stats.corrupt) == (2, 0, 0)
+    assert torch.equal(first, second)
+    assert len(again.entries()) == 2
+
+
+def test_edited_slice_misses(cache, hippocampus_slices):
+    original = hippocampus_slices[0]
+    cache.get(original)
+    edited = original.copy()
+    edited[10, 10] += 1.0
+    assert original in cache and edited not in cache
+    cache.get(edited)
+    assert cache.stats.misses == 2 and cache.stats.hits == 0
+    assert cache.key(original) != cache.key(edited)
+
+
+def test_key_covers_backbone_and_preprocessing(tmp_path, hippocampus_slices):
+    grey = hippocampus_slices[0]
+    mobile = EmbeddingCache("mobile_sam", root=tmp_path)
+    lite = EmbeddingCache("lite_medsam", root=tmp_path)
+    assert mobile.key(grey) != lite.key(grey)
+    assert mobile.key(grey) != mobile.key(grey.T.copy())  # same pixels, other shape
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip payload byte", "garbage"])
+def test_damaged_entry_is_detected_and_recomputed(damage, cache, hippocampus_slices, caplog):
+    grey = hippocampus_slices[1]
+    reference = cache.get(grey)
+    path = cache.path_for(cache.key(grey))
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "flip payload byte":
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(b"not an embedding")
+    recomputed = cache.get(grey)
+    assert cache.stats.corrupt == 1 and cache.stats.misses == 2
+    assert "damaged entry" in caplog.text and str(path) in caplog.text
+    assert torch.allclose(recomputed, reference, atol=FP16_TOLERANCE)
+    assert cache.get(grey) is not None and cache.stats.hits == 1  # the rewritten entry reads back
+
+
+def test_interrupted_write_leaves_nothing(cache, hippocampus_slices, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get(hippocampus_slices[2])
+    assert cache.entries() == [] and cache.leftover_partials() == []
+
+
+def test_killed_writer_leaves_no_entry(tmp_path, hippocampus_slices):
+    """A process killed mid-write (no cleanup runs) leaves at most an ignored partial file."""
+    grey_path = tmp_path / "slice.npy"
+    np.save(grey_path, hippocampus_slices[3])
+    script = textwrap.dedent(f"""
+        import os, numpy as np, torch
+        from fewsam_lib.cache import EmbeddingCache
+        cache = EmbeddingCache("mobile_sam", root=r"{tmp_path / 'cache'}")
+        grey = np.load(r"{grey_path}")
+        os.fsync = lambda fd: os._exit(9)   # die after the bytes are written, before the rename
+        cache._write(cache.key(grey), torch.zeros(256, 64, 64, dtype=torch.float16), grey.shape)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 9, result.stderr
+    cache = EmbeddingCache("mobile_sam", root=tmp_path / "cache")
+    assert cache.entries() == [] and len(cache.leftover_partials()) == 1
+    assert hippocampus_slices[3] not in cache
+
+
+def test_identical_slices_in_one_call_are_encoded_once(cache, hippocampus_slices):
+    grey = hippocampus_slices[0]
+    embeddings = cache.get_many([grey, grey.copy(), grey], progress=False)
+    assert cache.stats.misses == 1 and len(cache.entries()) == 1
+    assert torch.equal(embeddings[0], embeddings[2])
+
+
+def test_embed_command_fills_then_only_hits(tmp_path, hippocampus, capsys):
+    """``fewsam embed`` on a real case cut to three axial slices: a rerun encodes nothing."""
+    case = hippocampus.case(hippocampus.case_ids("test")[0])
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for source, folder in ((case.image, "images"), (case.label, "labels")):
+        volume = nib.load(source)
+        middle = volume.shape[2] // 2
+        cropped = np.asarray(volume.dataobj)[:, :, middle - 1: middle + 2]
+        nib.save(nib.Nifti1Image(cropped, volume.affine, volume.header), root / folder / source.name)
+    manifest = write_manifest(tmp_path / "three_slices.yaml", root, [case.case_id, case.case_id])
+    command = ["embed", str(manifest), "--backbone", "lite_medsam", "--split", "test",
+               "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main(command) == 0
+    assert "3 slices" in (out := capsys.readouterr().out) and "0 hits, 3 misses" in out
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "3 hits, 0 misses" in out and "nothing to encode" in out

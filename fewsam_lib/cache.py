@@ -141,7 +141,7 @@ class EmbeddingCache:
         self.stats.misses += len(todo)
         pending = list(todo.items())
         bar = tqdm(total=len(pending), desc=desc or f"encode {self.spec.name}", unit="slice",
-                   disable=not progress or not pending)
+                   disable=not progress or not pending, leave=False)
         for start in range(0, len(pending), self.batch_size):
             batch = pending[start:start + self.batch_size]
             embeddings = self._encode([slices[indices[0]] for _, indices in batch])

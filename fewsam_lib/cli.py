@@ -34,6 +34,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from .cache import EmbeddingCache
     from .manifest import load_manifest
     from .volumes import load_case, normalise_intensity, take_slice
@@ -45,14 +47,14 @@ def _embed(args: argparse.Namespace) -> int:
     cache = EmbeddingCache(args.backbone, root=args.cache, checkpoint=args.checkpoint, device=args.device,
                            batch_size=args.batch_size)
     total = 0
-    for case_id in case_ids:
+    for case_id in tqdm(case_ids, desc=f"embed {manifest.dataset} [{args.backbone}]", unit="case", disable=args.quiet):
         volume = load_case(manifest, case_id, label=args.slices == "labelled")
         grey = normalise_intensity(volume.image, manifest.intensity)
         indices = range(grey.shape[manifest.slice_axis])
         if args.slices == "labelled":
             indices = [i for i in indices if take_slice(volume.label, manifest.slice_axis, i).any()]
         cache.get_many([take_slice(grey, manifest.slice_axis, i) for i in indices], progress=not args.quiet,
-                       desc=f"{case_id} [{args.backbone}]")
+                       desc=f"encode {case_id}")
         total += len(indices)
     stats = cache.stats
     print(

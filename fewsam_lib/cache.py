@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import paths
 from .backbones import EMBEDDING_SHAPE, BackboneSpec, LoadedBackbone, get_spec, load_backbone

@@ -1,4 +1,4 @@
-"""The ``fewsam`` command line: ``validate``, ``embed``, ``weights``, ``data``.
+"""The ``fewsam`` command line: ``validate``, ``embed``, ``run``, ``summarize``, ``overview``, ``weights``, ``data``.
 
 User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
 for a bad manifest, file or checkpoint.
@@ -34,7 +34,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .cache import EmbeddingCache
     from .manifest import load_manifest
@@ -108,8 +108,41 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.no_notebook:
+        from .prompting import run_prompting
+
+        folder = run_prompting(args.manifest, args.backbone, args.variant, args.seed, args.profile,
+                               results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
+                               progress=not args.quiet)
+    else:
+        from .notebooks import run_prompting_notebook
+
+        folder = run_prompting_notebook(args.manifest, args.backbone, args.variant, args.seed, args.profile,
+                                        results_dir=args.results)
+    print(f"run complete: {folder}")
+    return 0
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from .runs import default_results_dir, summarize
+
+    results = args.results or default_results_dir()
+    summary = summarize(results, strict=args.strict)
+    print(f"{len(summary)} summary rows from {summary.groupby(['method', 'variant', 'backbone']).ngroups if len(summary) else 0} "
+          f"method/variant/backbone combinations -> {results}/tables/summary.csv, summary.md")
+    return 0
+
+
+def _overview(args: argparse.Namespace) -> int:
+    from .notebooks import run_dataset_overview
+
+    print(f"written: {run_dataset_overview(args.manifest, args.results)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fewsam", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fewsam", description="fewsam: a benchmark of few-shot SAM fine-tuning for anatomical segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="check a manifest and every file it names")
@@ -139,6 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--download", action="store_true",
                          help="allow the official download URL (SAM ViT-B/L/H; needs the internet)")
     weights.set_defaults(handler=_weights)
+
+    run = sub.add_parser("run", help="one benchmark run (executes its notebook into the run folder)")
+    run.add_argument("method", choices=["prompting"])
+    run.add_argument("manifest")
+    run.add_argument("--backbone", required=True)
+    run.add_argument("--variant", required=True, help="prompt variant, e.g. point1, point3, box, box_point")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--profile", default="smoke", help="smoke, cpu or full")
+    run.add_argument("--results", default=None, help="results folder (default: results/)")
+    run.add_argument("--no-notebook", action="store_true", help="run through the library only, without papermill")
+    run.add_argument("--checkpoint", default=None, help="only with --no-notebook")
+    run.add_argument("--device", default="cpu", help="only with --no-notebook")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(handler=_run)
+
+    summarize = sub.add_parser("summarize", help="aggregate all complete runs into results/tables/summary.*")
+    summarize.add_argument("--results", default=None)
+    summarize.add_argument("--strict", action="store_true", help="fail on an incomplete run instead of skipping it")
+    summarize.set_defaults(handler=_summarize)
+
+    overview = sub.add_parser("overview", help="execute 00_dataset_overview for a manifest")
+    overview.add_argument("manifest")
+    overview.add_argument("--results", default=None)
+    overview.set_defaults(handler=_overview)
 
     data = sub.add_parser("data", help="find (or download) the public datasets of the shipped manifests")
     data.add_argument("action", choices=["list", "fetch"])

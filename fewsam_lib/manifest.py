@@ -106,7 +106,7 @@ class Manifest:
         return {
             "dataset": self.dataset,
             "modality": self.modality,
-            "manifest": str(self.path),
+            "manifest": paths.display(self.path),
             "manifest_sha256": self.sha256,
             "root": str(self.root),
             "tasks": {str(k): v for k, v in self.tasks.items()},

@@ -27,3 +27,12 @@ def cache_root() -> Path:
 def weights_root() -> Path:
     """``FEWSAM_WEIGHTS``: verified checkpoints (default ``<repo>/weights``, git-ignored)."""
     return _from_env("FEWSAM_WEIGHTS", REPO_ROOT / "weights")
+
+
+def display(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it (results stay portable), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

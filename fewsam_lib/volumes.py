@@ -82,6 +82,15 @@ class Volume:
         transform = ornt_transform(_RAS, io_orientation(self.original_affine))
         return np.ascontiguousarray(apply_orientation(canonical, transform))
 
+    def read_on_canonical_grid(self, path: str | Path) -> np.ndarray:
+        """A label file on this case's original grid (e.g. a saved prediction), as a canonical array."""
+        image = load_nifti(path)
+        if tuple(image.shape) != self.original_shape or not np.allclose(image.affine, self.original_affine,
+                                                                         atol=AFFINE_TOLERANCE):
+            raise VolumeError(f"{path}: not on the grid of case {self.case_id} (shape {image.shape}, "
+                              f"expected {self.original_shape})")
+        return _to_canonical(read_array(image, path, np.int32), image.affine)[0]
+
     def save_on_original_grid(self, canonical_labels: np.ndarray, path: str | Path) -> None:
         """Write a canonical label array as NIfTI on the original grid (atomic: tmp file, rename)."""
         path = Path(path)

@@ -82,3 +82,15 @@ def write_manifest(path: Path, root: Path, case_ids: list[str], **overrides) -> 
     manifest.update(overrides)
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's embedding cache (papermill kernels inherit this too)."""
+    previous = os.environ.get("FEWSAM_CACHE")
+    os.environ["FEWSAM_CACHE"] = str(tmp_path_factory.mktemp("embedding-cache"))
+    yield Path(os.environ["FEWSAM_CACHE"])
+    if previous is None:
+        os.environ.pop("FEWSAM_CACHE")
+    else:
+        os.environ["FEWSAM_CACHE"] = previous

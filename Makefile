@@ -13,10 +13,12 @@ export FEWSAM_DATA    ?= $(abspath $(CURDIR)/../shared/data)
 export FEWSAM_CACHE   ?= $(CURDIR)/.cache/embeddings
 export FEWSAM_WEIGHTS ?= $(CURDIR)/weights
 
+PROFILE ?= cpu
+
 # Original SAM checkpoints to download from Meta's official URLs, e.g. `make weights SAM="vit_b vit_h"`.
 SAM ?=
 
-.PHONY: help setup weights data test validate clean
+.PHONY: help setup weights data test validate reproduce reproduce-list summarize clean
 
 help:
 	@echo "make setup     virtual environment in $(VENV) with pinned dependencies, plus verified weights"
@@ -24,6 +26,8 @@ help:
 	@echo "make weights   fetch and verify MobileSAM + LiteMedSAM (add SAM=\"vit_b\" to download SAM ViT-B)"
 	@echo "make data      check the datasets under FEWSAM_DATA (download MSD Task04 if it is missing)"
 	@echo "make validate  validate every manifest in data_manifests/"
+	@echo "make reproduce PROFILE=cpu   every run of the profile that is not complete, then tables + figures"
+	@echo "make reproduce-list          what make reproduce would run"
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -49,6 +53,15 @@ validate: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+reproduce: $(STAMP)
+	$(FEWSAM) reproduce --profile $(PROFILE)
+
+reproduce-list: $(STAMP)
+	$(FEWSAM) reproduce --profile $(PROFILE) --dry-run
+
+summarize: $(STAMP)
+	$(FEWSAM) summarize
 
 clean:
 	rm -rf .cache .pytest_cache

@@ -1,4 +1,4 @@
-"""The ``fewsam`` command line: ``validate``, ``embed``, ``run``, ``summarize``, ``overview``, ``weights``, ``data``.
+"""The ``fewsam`` command line: validate, embed, run, reproduce, summarize, overview, weights, data.
 
 User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
 for a bad manifest, file or checkpoint.
@@ -129,8 +129,24 @@ def _summarize(args: argparse.Namespace) -> int:
 
     results = args.results or default_results_dir()
     summary = summarize(results, strict=args.strict)
+    from .plots import write_result_figures
+
+    write_result_figures(results, summary)
     print(f"{len(summary)} summary rows from {summary.groupby(['method', 'variant', 'backbone']).ngroups if len(summary) else 0} "
-          f"method/variant/backbone combinations -> {results}/tables/summary.csv, summary.md")
+          f"method/variant/backbone combinations -> {results}/tables/summary.csv, summary.md, figures/")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    outcome = reproduce(args.profile, args.results, dry_run=args.dry_run, force=args.force)
+    for folder, state in outcome:
+        print(f"{state:9s} {folder}")
+    ran = sum(state == "ran" for _, state in outcome)
+    print(f"{len(outcome)} runs in profile {args.profile}: {ran} executed, "
+          f"{sum(state == 'complete' for _, state in outcome)} already complete"
+          + (", nothing executed (dry run)" if args.dry_run else ""))
     return 0
 
 
@@ -191,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--results", default=None)
     summarize.add_argument("--strict", action="store_true", help="fail on an incomplete run instead of skipping it")
     summarize.set_defaults(handler=_summarize)
+
+    reproduce = sub.add_parser("reproduce", help="every run of a profile that is not complete, then the summary")
+    reproduce.add_argument("--profile", default="cpu")
+    reproduce.add_argument("--results", default=None)
+    reproduce.add_argument("--dry-run", action="store_true", help="list what would run")
+    reproduce.add_argument("--force", action="store_true", help="rerun complete runs too")
+    reproduce.set_defaults(handler=_reproduce)
 
     overview = sub.add_parser("overview", help="execute 00_dataset_overview for a manifest")
     overview.add_argument("manifest")

@@ -124,3 +124,43 @@ def example_overlays(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
     return figure
+
+
+def prompting_figure(summary: pd.DataFrame) -> plt.Figure | None:
+    """Slice-level IoU of every prompting run: mean with its 95% bootstrap interval, per task."""
+    rows = summary[(summary.method == "sam_prompting") & (summary.metric == "iou") & (summary.level == "slice")]
+    if rows.empty:
+        return None
+    tasks = sorted(rows.task.unique())
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False, sharey=True)
+    backbones = sorted(rows.backbone.unique())
+    for ax, task in zip(axes[0], tasks):
+        part = rows[rows.task == task]
+        variants = sorted(part.variant.unique())
+        width = 0.8 / len(backbones)
+        for offset, (colour, backbone) in enumerate(zip(sns.color_palette("deep"), backbones)):
+            cells = part[part.backbone == backbone].set_index("variant").reindex(variants)
+            x = np.arange(len(variants)) + (offset - (len(backbones) - 1) / 2) * width
+            ax.bar(x, cells["mean"], width, color=colour, label=backbone)
+            ax.errorbar(x, cells["mean"], yerr=[cells["mean"] - cells.ci95_low, cells.ci95_high - cells["mean"]],
+                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        ax.set_xticks(np.arange(len(variants)), variants, rotation=30, ha="right")
+        ax.set(title=f"{rows.dataset.iloc[0]} · {task}", ylim=(0, 1), ylabel="IoU (slices with the task)")
+    axes[0][-1].legend(fontsize=8)
+    profile = ", ".join(sorted(rows.profile.unique()))
+    figure.suptitle(f"SAM prompting baselines (profile {profile}; mean and 95% bootstrap CI)", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def write_result_figures(results_dir: str | Path, summary: pd.DataFrame) -> list[Path]:
+    """The figures every summary regenerates, under ``results/figures/``."""
+    folder = Path(results_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    figure = prompting_figure(summary)
+    if figure is not None:
+        written.append(folder / "prompting_iou.png")
+        figure.savefig(written[-1], dpi=130)
+        plt.close(figure)
+    return written

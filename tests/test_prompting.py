@@ -207,3 +207,42 @@ def test_summarize_aggregates_and_skips_incomplete_runs(smoke_run):
     assert any("incomplete" in str(w.message) for w in caught)
     with pytest.raises(IncompleteRun, match="mobile_sam_point1_seed0_smoke"):
         summarize(results, strict=True)
+
+
+def test_reproduce_skips_complete_runs_and_writes_the_overview(smoke_run):
+    from fewsam_lib.reproduce import reproduce
+
+    results, folder = smoke_run
+    stamp = (folder / "run.json").stat().st_mtime_ns
+    assert reproduce("smoke", results, dry_run=True) == [(folder, "complete")]
+    assert reproduce("smoke", results) == [(folder, "complete")]
+    assert (folder / "run.json").stat().st_mtime_ns == stamp  # nothing recomputed
+    overview = results / "datasets" / "msd_hippocampus" / "00_dataset_overview.ipynb"
+    assert "slices_with_task" in overview.read_text()
+    assert (results / "figures" / "prompting_iou.png").exists()
+
+
+def test_a_failed_run_stays_marked_running(smoke_run, monkeypatch):
+    from fewsam_lib import prompting
+
+    results, _ = smoke_run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(prompting, "predict_masks", broken)
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        prompting.run_prompting(str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "point3", seed=0, profile="smoke",
+                                results_dir=results, progress=False)
+    folder = RunSpec("msd_hippocampus", "sam_prompting", "point3", "mobile_sam", 0, "smoke").folder(results)
+    assert json.loads((folder / "run.json").read_text())["status"] == "running"
+    with pytest.raises(IncompleteRun, match="not complete"):
+        load_run(folder)
+
+
+def test_run_command_rejects_an_unknown_variant(capsys):
+    from fewsam_lib.cli import main
+
+    assert main(["run", "prompting", str(HIPPOCAMPUS_MANIFEST), "--backbone", "mobile_sam", "--variant", "lasso",
+                 "--no-notebook"]) == 2
+    assert "unknown prompt variant 'lasso'" in capsys.readouterr().err

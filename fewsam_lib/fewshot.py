@@ -1,0 +1,342 @@
+"""The few-shot method: pooled support embeddings as prompt tokens for SAM's mask decoder.
+
+A few labelled 2D slices (the collection) give, per task, the image embedding averaged inside the
+task's mask. Those few-shot tokens replace point/box tokens as ``sparse_prompt_embeddings``; the
+dense prompt is SAM's no-mask embedding. Only the mask decoder is trained, on cached embeddings
+of the collection; the image encoder never runs during training.
+
+Token designs (variants, see :data:`TOKEN_DESIGNS`):
+
+- ``raw``: the masked average of the support embeddings, as is. Measured on hippocampus: norm
+  ~1.3 against ~11.6 for SAM's own prompt tokens, and the two tasks' tokens nearly identical
+  (cosine 0.98); a decoder trained on them learns one mask for every prompt.
+- ``centred`` (default): the task's pooled embedding minus the mean embedding of all support
+  slices (inside the image, not the padding), rescaled to the norm of SAM's embedding of one
+  positive point, plus SAM's learned positive-point type embedding.
+- ``centred_bg``: ``centred`` plus a background token (pooled outside every task's mask, built the
+  same way with SAM's negative-point type embedding), as a negative click would be.
+
+No positional encoding is added: a token describes what the anatomy looks like, not where it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, Sam
+from tqdm import tqdm
+
+from . import paths
+from .backbones import resized_shape
+from .cache import EmbeddingCache
+from .errors import FewsamError
+from .manifest import Manifest, load_manifest
+from .profiles import load_profile
+from .prompting import resolve_overlaps
+from .runs import RunSpec, RunWriter, score_case
+from .volumes import load_case, normalise_intensity, slice_table, take_slice
+
+EMBEDDING_GRID = 64
+
+
+@dataclass(frozen=True)
+class TokenDesign:
+    name: str
+    centred: bool
+    background_token: bool
+    description: str
+
+
+TOKEN_DESIGNS = {
+    design.name: design
+    for design in (
+        TokenDesign("raw", False, False, "masked average of support embeddings, unscaled"),
+        TokenDesign("centred", True, False, "pooled minus support mean, SAM point-token norm, + positive type embedding"),
+        TokenDesign("centred_bg", True, True, "centred task token + centred background token (negative type embedding)"),
+    )
+}
+
+
+def get_design(name: str) -> TokenDesign:
+    try:
+        return TOKEN_DESIGNS[name]
+    except KeyError:
+        raise FewsamError(f"unknown few-shot variant '{name}' (known: {', '.join(TOKEN_DESIGNS)})") from None
+
+
+@dataclass(frozen=True)
+class SupportSlice:
+    case_id: str
+    slice_index: int
+
+
+@dataclass(frozen=True)
+class Collection:
+    """The labelled slices the method may use; ``per_task`` says which slice was drawn for which task."""
+
+    slices: tuple[SupportSlice, ...]
+    per_task: dict[str, tuple[SupportSlice, ...]]
+    shots: int | None
+    seed: int | None
+
+    def as_dict(self) -> dict:
+        return {"shots": self.shots, "seed": self.seed,
+                "slices": [asdict(s) for s in self.slices],
+                "per_task": {task: [asdict(s) for s in slices] for task, slices in self.per_task.items()}}
+
+
+def draw_collection(manifest: Manifest, shots: int, seed: int, table: pd.DataFrame | None = None) -> Collection:
+    """``shots`` training slices per task that contain it, drawn with ``seed``.
+
+    Per task, the candidate slices (sorted by case and index) are permuted once with the seed and
+    the first ``shots`` are taken, so collections are nested: the 5-shot collection holds the
+    1-shot one. A drawn slice brings all of its labels (it is fully annotated), so it also serves
+    the other tasks it shows, and as a negative example for the tasks it does not.
+    """
+    if shots < 1:
+        raise FewsamError(f"shots must be at least 1, got {shots}")
+    table = table if table is not None else slice_table(manifest, manifest.case_ids("train"))
+    per_task: dict[str, tuple[SupportSlice, ...]] = {}
+    for offset, task in enumerate(manifest.task_names):
+        candidates = table[table[task] > 0].sort_values(["case_id", "slice_index"])
+        if len(candidates) < shots:
+            raise FewsamError(f"{manifest.path}: task '{task}' is on {len(candidates)} training slices, fewer than "
+                              f"{shots} shots")
+        order = np.random.default_rng([seed, offset]).permutation(len(candidates))[:shots]
+        per_task[task] = tuple(SupportSlice(str(candidates.case_id.iloc[i]), int(candidates.slice_index.iloc[i]))
+                               for i in order)
+    unique = sorted({s for slices in per_task.values() for s in slices}, key=lambda s: (s.case_id, s.slice_index))
+    return Collection(tuple(unique), per_task, shots, seed)
+
+
+def embedding_grid_weights(mask: np.ndarray, input_size: int) -> torch.Tensor:
+    """Fraction of each 64x64 embedding cell that ``mask`` covers, through SAM's resize and padding."""
+    height, width = mask.shape
+    target = resized_shape(height, width, input_size)
+    resized = F.interpolate(torch.as_tensor(mask, dtype=torch.float32)[None, None], target, mode="bilinear",
+                            align_corners=False)
+    padded = F.pad(resized, (0, input_size - target[1], 0, input_size - target[0]))
+    return F.adaptive_avg_pool2d(padded, EMBEDDING_GRID)[0, 0]
+
+
+def pooled_embedding(embeddings: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """Weighted mean of (256, 64, 64) embeddings over cells, pooled over slices; None if all weights are 0."""
+    total = sum(float(w.sum()) for w in weights)
+    if total <= 0:
+        return None
+    summed = sum((e * w).sum(dim=(1, 2)) for e, w in zip(embeddings, weights))
+    return summed / total
+
+
+def point_token_norm(model: Sam) -> float:
+    """Norm of SAM's own token for one positive click at the image centre (the scale of a prompt)."""
+    size = model.prompt_encoder.input_image_size
+    with torch.no_grad():
+        centre = torch.tensor([[[size[1] / 2, size[0] / 2]]], dtype=torch.float32, device=model.device)
+        sparse, _ = model.prompt_encoder(points=(centre, torch.ones(1, 1, device=model.device)), boxes=None, masks=None)
+    return float(sparse[0, 0].norm())
+
+
+def few_shot_tokens(
+    model: Sam,
+    embeddings: list[torch.Tensor],
+    label_slices: list[np.ndarray],
+    tasks: dict[int, str],
+    design: TokenDesign,
+) -> dict[str, torch.Tensor]:
+    """Prompt tokens (k, 256) per task from the support embeddings and their label slices."""
+    input_size = model.image_encoder.img_size
+    image_weights = [embedding_grid_weights(np.ones(label.shape, bool), input_size) for label in label_slices]
+    mean_embedding = pooled_embedding(embeddings, image_weights)
+    scale = point_token_norm(model)
+    type_embeddings = model.prompt_encoder.point_embeddings
+
+    def token(weights: list[torch.Tensor], name: str, type_index: int) -> torch.Tensor:
+        pooled = pooled_embedding(embeddings, weights)
+        if pooled is None:
+            raise FewsamError(f"task '{name}' has no labelled pixel in the few-shot collection")
+        if not design.centred:
+            return pooled
+        direction = pooled - mean_embedding
+        return direction / direction.norm().clamp_min(1e-8) * scale + type_embeddings[type_index].weight[0].detach()
+
+    tokens = {}
+    for value, name in tasks.items():
+        task_token = token([embedding_grid_weights(label == value, input_size) for label in label_slices], name, 1)
+        tokens[name] = task_token[None]
+    if design.background_token:
+        background = token([embedding_grid_weights(label == 0, input_size) for label in label_slices], "background", 0)
+        tokens = {name: torch.cat([t, background[None]]) for name, t in tokens.items()}
+    return tokens
+
+
+def decode(decoder: MaskDecoder, model: Sam, embedding: torch.Tensor, token_batch: torch.Tensor,
+           slice_shape: tuple[int, int]) -> torch.Tensor:
+    """Logits (T, H, W) at slice size for T token sets (T, k, 256) on one image embedding."""
+    dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    dense = dense.expand(len(token_batch), -1, EMBEDDING_GRID, EMBEDDING_GRID)
+    low_res, _ = decoder(
+        image_embeddings=embedding[None],
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=token_batch,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    input_size = resized_shape(*slice_shape, model.image_encoder.img_size)
+    return model.postprocess_masks(low_res, input_size, slice_shape)[:, 0]
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice per mask (smoothing 1, so an empty target asks for an empty mask)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probability = torch.sigmoid(logits).flatten(1)
+    flat = target.flatten(1)
+    dice = (2 * (probability * flat).sum(1) + 1) / (probability.sum(1) + flat.sum(1) + 1)
+    return bce + (1 - dice).mean()
+
+
+@dataclass
+class TrainingSettings:
+    """One fixed schedule for every task and dataset (no early stopping)."""
+
+    steps: int = 200
+    slices_per_step: int = 2
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+
+
+def train_decoder(
+    model: Sam,
+    tokens: dict[str, torch.Tensor],
+    embeddings: list[torch.Tensor],
+    label_slices: list[np.ndarray],
+    tasks: dict[int, str],
+    settings: TrainingSettings,
+    seed: int,
+    progress: bool = True,
+) -> tuple[MaskDecoder, list[float]]:
+    """Fine-tune a copy of SAM's mask decoder on the collection; returns it and the loss per step.
+
+    Every support slice trains every task: a task missing from a slice is a negative example.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    decoder = copy.deepcopy(model.mask_decoder).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    token_batch = torch.stack([tokens[name] for name in tasks.values()]).to(model.device)
+    targets = [torch.as_tensor(np.stack([label == value for value in tasks]), dtype=torch.float32)
+               for label in label_slices]
+    history = []
+    per_step = min(settings.slices_per_step, len(embeddings))
+    for _ in tqdm(range(settings.steps), desc="train decoder", unit="step", disable=not progress):
+        picks = rng.choice(len(embeddings), size=per_step, replace=False)
+        loss = sum(
+            segmentation_loss(decode(decoder, model, embeddings[i].to(model.device), token_batch,
+                                     label_slices[i].shape), targets[i].to(model.device))
+            for i in picks
+        ) / per_step
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss))
+    return decoder.eval().requires_grad_(False), history
+
+
+def load_support(manifest: Manifest, collection: Collection, cache: EmbeddingCache,
+                 progress: bool = True) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Cached embeddings and label slices of the collection (one volume read per case)."""
+    by_case: dict[str, list[int]] = {}
+    for support in collection.slices:
+        by_case.setdefault(support.case_id, []).append(support.slice_index)
+    embeddings, labels = [], []
+    axis = manifest.slice_axis
+    for case_id, indices in by_case.items():
+        volume = load_case(manifest, case_id)
+        grey = normalise_intensity(volume.image, manifest.intensity)
+        embeddings += list(cache.get_many([take_slice(grey, axis, i) for i in indices], progress=progress,
+                                          desc=f"encode support {case_id}"))
+        labels += [take_slice(volume.label, axis, i) for i in indices]
+    return embeddings, labels
+
+
+def run_fewshot(
+    manifest: str | Path,
+    backbone: str,
+    shots: int,
+    seed: int = 0,
+    profile: str = "smoke",
+    variant: str = "centred",
+    results_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    settings: TrainingSettings | None = None,
+    progress: bool = True,
+) -> Path:
+    """Draw a collection, train the decoder on it, segment every slice of the profile's test cases."""
+    loaded = load_manifest(manifest)
+    design = get_design(variant)
+    chosen_profile = load_profile(profile)
+    settings = settings or TrainingSettings()
+    cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device)
+    spec = RunSpec(loaded.dataset, "fewshot", variant, backbone, seed, chosen_profile.name, shots)
+    case_ids = chosen_profile.test_case_ids(loaded)
+    collection = draw_collection(loaded, shots, seed)
+    writer = RunWriter(
+        spec, results_dir,
+        parameters={"manifest": paths.display(loaded.path), "backbone": backbone, "variant": variant, "shots": shots,
+                    "seed": seed, "profile": chosen_profile.name, "device": device, "test_cases": case_ids,
+                    "token_design": asdict(design), "training": asdict(settings)},
+        provenance={"data": loaded.summary(),
+                    "backbone_checkpoint": {"name": backbone, "sha256": cache.spec.checkpoint.sha256},
+                    "collection": collection.as_dict()},
+    )
+    embeddings, labels = load_support(loaded, collection, cache, progress)
+    model = cache.backbone.model
+    tokens = few_shot_tokens(model, embeddings, labels, loaded.tasks, design)
+    started = time.perf_counter()
+    decoder, history = train_decoder(model, tokens, embeddings, labels, loaded.tasks, settings, seed, progress)
+    train_seconds = time.perf_counter() - started
+    save_fewshot_model(writer.folder / "fewshot_model.pt", decoder, tokens, design, loaded.tasks, backbone)
+    pd.DataFrame({"step": range(1, len(history) + 1), "loss": history}).to_csv(writer.folder / "training_curve.csv",
+                                                                             index=False)
+    token_batch = torch.stack([tokens[name] for name in loaded.tasks.values()]).to(model.device)
+    values = list(loaded.tasks)
+    axis = loaded.slice_axis
+    rows: list[dict] = []
+    predict_seconds = 0.0
+    for case_id in tqdm(case_ids, desc=spec.run_id, unit="case", disable=not progress):
+        volume = load_case(loaded, case_id)
+        grey = normalise_intensity(volume.image, loaded.intensity)
+        indices = list(range(grey.shape[axis]))
+        case_embeddings = cache.get_many([take_slice(grey, axis, i) for i in indices], progress=progress,
+                                         desc=f"encode {case_id}")
+        prediction = np.zeros(volume.label.shape, dtype=np.uint8)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for index, embedding in zip(indices, case_embeddings):
+                shape = take_slice(grey, axis, index).shape
+                logits = decode(decoder, model, embedding.to(model.device), token_batch, shape).cpu().numpy()
+                np.moveaxis(prediction, axis, 0)[index] = resolve_overlaps(logits, values)
+        predict_seconds += time.perf_counter() - started
+        volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}.nii.gz")
+        rows += score_case(loaded, spec, volume, prediction, slices=indices, slice_selection="all_slices")
+    return writer.finish(rows, timings={"encode": cache.stats.encode_seconds, "train": train_seconds,
+                                        "predict": predict_seconds},
+                         extra={"cache": cache.stats.as_dict(), "final_training_loss": history[-1]})
+
+
+def save_fewshot_model(path: Path, decoder: MaskDecoder, tokens: dict[str, torch.Tensor], design: TokenDesign,
+                       tasks: dict[int, str], backbone: str) -> None:
+    """Decoder weights and tokens: everything needed to segment again without the collection."""
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save({"backbone": backbone, "design": asdict(design), "tasks": tasks,
+                "tokens": {name: t.cpu() for name, t in tokens.items()},
+                "decoder": {k: v.cpu() for k, v in decoder.state_dict().items()}}, partial)
+    partial.replace(path)

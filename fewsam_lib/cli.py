@@ -38,7 +38,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     from .cache import EmbeddingCache
     from .manifest import load_manifest
-    from .volumes import load_case, normalise_intensity, take_slice
+    from .volumes import grey_slices, load_case, take_slice
 
     manifest = load_manifest(args.manifest)
     case_ids = manifest.case_ids(args.split)
@@ -49,12 +49,10 @@ def _embed(args: argparse.Namespace) -> int:
     total = 0
     for case_id in tqdm(case_ids, desc=f"embed {manifest.dataset} [{args.backbone}]", unit="case", disable=args.quiet):
         volume = load_case(manifest, case_id, label=args.slices == "labelled")
-        grey = normalise_intensity(volume.image, manifest.intensity)
-        indices = range(grey.shape[manifest.slice_axis])
+        indices = range(volume.image.shape[manifest.slice_axis])
         if args.slices == "labelled":
             indices = [i for i in indices if take_slice(volume.label, manifest.slice_axis, i).any()]
-        cache.get_many([take_slice(grey, manifest.slice_axis, i) for i in indices], progress=not args.quiet,
-                       desc=f"encode {case_id}")
+        cache.get_many(grey_slices(manifest, volume, indices), progress=not args.quiet, desc=f"encode {case_id}")
         total += len(indices)
     stats = cache.stats
     print(

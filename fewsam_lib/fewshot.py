@@ -41,7 +41,7 @@ from .manifest import Manifest, load_manifest
 from .profiles import load_profile
 from .prompting import resolve_overlaps
 from .runs import RunSpec, RunWriter, score_case
-from .volumes import load_case, normalise_intensity, slice_table, take_slice
+from .volumes import grey_slices, load_case, slice_table, take_slice
 
 EMBEDDING_GRID = 64
 
@@ -259,8 +259,7 @@ def load_support(manifest: Manifest, collection: Collection, cache: EmbeddingCac
     axis = manifest.slice_axis
     for case_id, indices in by_case.items():
         volume = load_case(manifest, case_id)
-        grey = normalise_intensity(volume.image, manifest.intensity)
-        embeddings += list(cache.get_many([take_slice(grey, axis, i) for i in indices], progress=progress,
+        embeddings += list(cache.get_many(grey_slices(manifest, volume, indices), progress=progress,
                                           desc=f"encode support {case_id}"))
         labels += [take_slice(volume.label, axis, i) for i in indices]
     return embeddings, labels
@@ -313,16 +312,14 @@ def run_fewshot(
     predict_seconds = 0.0
     for case_id in tqdm(case_ids, desc=spec.run_id, unit="case", disable=not progress):
         volume = load_case(loaded, case_id)
-        grey = normalise_intensity(volume.image, loaded.intensity)
-        indices = list(range(grey.shape[axis]))
-        case_embeddings = cache.get_many([take_slice(grey, axis, i) for i in indices], progress=progress,
-                                         desc=f"encode {case_id}")
+        indices = list(range(volume.image.shape[axis]))
+        slices = grey_slices(loaded, volume, indices)
+        case_embeddings = cache.get_many(slices, progress=progress, desc=f"encode {case_id}")
         prediction = np.zeros(volume.label.shape, dtype=np.uint8)
         started = time.perf_counter()
         with torch.inference_mode():
-            for index, embedding in zip(indices, case_embeddings):
-                shape = take_slice(grey, axis, index).shape
-                logits = decode(decoder, model, embedding.to(model.device), token_batch, shape).cpu().numpy()
+            for index, grey, embedding in zip(indices, slices, case_embeddings):
+                logits = decode(decoder, model, embedding.to(model.device), token_batch, grey.shape).cpu().numpy()
                 np.moveaxis(prediction, axis, 0)[index] = resolve_overlaps(logits, values)
         predict_seconds += time.perf_counter() - started
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}.nii.gz")

@@ -30,7 +30,7 @@ from .manifest import load_manifest
 from .metrics import overlap
 from .profiles import load_profile
 from .runs import RunSpec, RunWriter, score_case
-from .volumes import load_case, normalise_intensity, take_slice, task_voxels_per_slice
+from .volumes import grey_slices, load_case, take_slice, task_voxels_per_slice
 
 NEGATIVE_MARGIN = 0.10  # negative points come from the mask's box grown by 10% on each side
 JITTER = 0.10  # jittered box sides move by up to 10% of the box size
@@ -276,10 +276,9 @@ def run_prompting(
     axis = loaded_manifest.slice_axis
     for case_id in tqdm(case_ids, desc=f"{spec.run_id}", unit="case", disable=not progress):
         volume = load_case(loaded_manifest, case_id)
-        grey = normalise_intensity(volume.image, loaded_manifest.intensity)
         counts = task_voxels_per_slice(volume.label, axis, loaded_manifest.tasks)
         indices = counts.index[(counts > 0).any(axis=1)].tolist()
-        embeddings = cache.get_many([take_slice(grey, axis, i) for i in indices], progress=progress,
+        embeddings = cache.get_many(grey_slices(loaded_manifest, volume, indices), progress=progress,
                                     desc=f"encode {case_id}")
         model = model or cache.backbone.model
         prediction = np.zeros(volume.label.shape, dtype=np.uint8)

@@ -162,6 +162,12 @@ def normalise_intensity(image: np.ndarray, spec: IntensitySpec) -> np.ndarray:
     return ((np.clip(image, low, high) - low) * (255.0 / (high - low))).astype(np.float32)
 
 
+def grey_slices(manifest: Manifest, volume: Volume, indices: list[int] | range) -> list[np.ndarray]:
+    """The encoder-ready grey-level slices ``indices`` of a loaded case, as the manifest prescribes."""
+    grey = normalise_intensity(volume.image, manifest.intensity)
+    return [take_slice(grey, manifest.slice_axis, i) for i in indices]
+
+
 def take_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
     """The 2D slice ``index`` along ``axis`` (remaining axes keep their order)."""
     return np.ascontiguousarray(np.take(array, index, axis=axis))

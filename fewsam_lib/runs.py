@@ -83,7 +83,8 @@ def code_version() -> dict[str, Any]:
             return None
         return result.stdout.strip() if result.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # Results being written (notebooks, runs) do not make the code dirty.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {"fewsam": __version__, "git_commit": git("rev-parse", "HEAD"),
             "git_dirty": bool(status) if status is not None else None}
 

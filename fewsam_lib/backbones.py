@@ -22,7 +22,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from . import weights
-from .errors import CheckpointError
+from .errors import CheckpointError, lookup
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
@@ -142,10 +142,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise CheckpointError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})") from None
+    return lookup(BACKBONES, name, "backbone", CheckpointError)
 
 
 @dataclass

@@ -36,11 +36,11 @@ from tqdm import tqdm
 from . import paths
 from .backbones import resized_shape
 from .cache import EmbeddingCache
-from .errors import FewsamError
+from .errors import FewsamError, lookup
 from .manifest import Manifest, load_manifest
 from .profiles import load_profile
 from .prompting import resolve_overlaps
-from .runs import RunSpec, RunWriter, score_case
+from .runs import RunSpec, RunWriter, run_provenance, score_case
 from .volumes import grey_slices, load_case, slice_table, take_slice
 
 EMBEDDING_GRID = 64
@@ -65,10 +65,7 @@ TOKEN_DESIGNS = {
 
 
 def get_design(name: str) -> TokenDesign:
-    try:
-        return TOKEN_DESIGNS[name]
-    except KeyError:
-        raise FewsamError(f"unknown few-shot variant '{name}' (known: {', '.join(TOKEN_DESIGNS)})") from None
+    return lookup(TOKEN_DESIGNS, name, "few-shot variant")
 
 
 @dataclass(frozen=True)
@@ -292,9 +289,7 @@ def run_fewshot(
         parameters={"manifest": paths.display(loaded.path), "backbone": backbone, "variant": variant, "shots": shots,
                     "seed": seed, "profile": chosen_profile.name, "device": device, "test_cases": case_ids,
                     "token_design": asdict(design), "training": asdict(settings)},
-        provenance={"data": loaded.summary(),
-                    "backbone_checkpoint": {"name": backbone, "sha256": cache.spec.checkpoint.sha256},
-                    "collection": collection.as_dict()},
+        provenance={**run_provenance(loaded, cache.spec), "collection": collection.as_dict()},
     )
     embeddings, labels = load_support(loaded, collection, cache, progress)
     model = cache.backbone.model

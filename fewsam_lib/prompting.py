@@ -25,11 +25,11 @@ from tqdm import tqdm
 from . import paths
 from .backbones import resized_shape
 from .cache import EmbeddingCache
-from .errors import FewsamError
+from .errors import lookup
 from .manifest import load_manifest
 from .metrics import overlap
 from .profiles import load_profile
-from .runs import RunSpec, RunWriter, score_case
+from .runs import RunSpec, RunWriter, run_provenance, score_case
 from .volumes import grey_slices, load_case, take_slice, task_voxels_per_slice
 
 NEGATIVE_MARGIN = 0.10  # negative points come from the mask's box grown by 10% on each side
@@ -80,10 +80,7 @@ PROMPT_VARIANTS: dict[str, PromptVariant] = _variants()
 
 
 def get_variant(name: str) -> PromptVariant:
-    try:
-        return PROMPT_VARIANTS[name]
-    except KeyError:
-        raise FewsamError(f"unknown prompt variant '{name}' (known: {', '.join(PROMPT_VARIANTS)})") from None
+    return lookup(PROMPT_VARIANTS, name, "prompt variant")
 
 
 @dataclass
@@ -267,8 +264,7 @@ def run_prompting(
         parameters={"manifest": paths.display(loaded_manifest.path), "backbone": backbone, "variant": variant, "seed": seed,
                     "profile": chosen_profile.name, "device": device, "test_cases": case_ids,
                     "variant_definition": asdict(prompt_variant), "multimask_output": prompt_variant.multimask},
-        provenance={"data": loaded_manifest.summary(),
-                    "backbone_checkpoint": {"name": backbone, "sha256": cache.spec.checkpoint.sha256}},
+        provenance=run_provenance(loaded_manifest, cache.spec),
     )
     model = None
     rows: list[dict] = []

@@ -34,6 +34,7 @@ from .errors import FewsamError
 from .metrics import score
 
 if TYPE_CHECKING:
+    from .backbones import BackboneSpec
     from .manifest import Manifest
     from .volumes import Volume
 
@@ -243,6 +244,12 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         table = table.unstack("metric").reset_index().replace({"shots": {"": "–"}})
         lines += [f"### {dataset} — {level} level ({selection.replace('_', ' ')})", "", table.to_markdown(index=False), ""]
     return "\n".join(lines)
+
+
+def run_provenance(manifest: Manifest, backbone: BackboneSpec) -> dict[str, Any]:
+    """Which data and which weights a run used."""
+    return {"data": manifest.summary(),
+            "backbone_checkpoint": {"name": backbone.name, "sha256": backbone.checkpoint.sha256}}
 
 
 def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np.ndarray,

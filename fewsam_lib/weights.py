@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from . import paths
-from .errors import CheckpointError
+from .errors import CheckpointError, lookup
 
 _CHUNK = 1 << 20
 
@@ -202,10 +202,7 @@ SOURCE_BY_FILENAME = {source.filename: source for source in SOURCES.values()}
 
 
 def source_of(name: str) -> CheckpointSource:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise CheckpointError(f"unknown backbone '{name}' (known: {', '.join(SOURCES)})") from None
+    return lookup(SOURCES, name, "backbone", CheckpointError)
 
 
 def installed_path(name: str) -> Path:

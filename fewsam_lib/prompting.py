@@ -234,7 +234,6 @@ def resolve_overlaps(logits: np.ndarray, labels: list[int]) -> np.ndarray:
     return label_map
 
 
-
 def run_prompting(
     manifest: str | Path,
     backbone: str,
@@ -261,12 +260,11 @@ def run_prompting(
     case_ids = chosen_profile.test_case_ids(loaded_manifest)
     writer = RunWriter(
         spec, results_dir,
-        parameters={"manifest": paths.display(loaded_manifest.path), "backbone": backbone, "variant": variant, "seed": seed,
-                    "profile": chosen_profile.name, "device": device, "test_cases": case_ids,
+        parameters={"manifest": paths.display(loaded_manifest.path), "backbone": backbone, "variant": variant,
+                    "seed": seed, "profile": chosen_profile.name, "device": device, "test_cases": case_ids,
                     "variant_definition": asdict(prompt_variant), "multimask_output": prompt_variant.multimask},
         provenance=run_provenance(loaded_manifest, cache.spec),
     )
-    model = None
     rows: list[dict] = []
     decode_seconds = 0.0
     axis = loaded_manifest.slice_axis
@@ -276,7 +274,6 @@ def run_prompting(
         indices = counts.index[(counts > 0).any(axis=1)].tolist()
         embeddings = cache.get_many(grey_slices(loaded_manifest, volume, indices), progress=progress,
                                     desc=f"encode {case_id}")
-        model = model or cache.backbone.model
         prediction = np.zeros(volume.label.shape, dtype=np.uint8)
         started = time.perf_counter()
         for index, embedding in zip(indices, embeddings):
@@ -285,7 +282,8 @@ def run_prompting(
             masks = [label_slice == value for value in values]
             prompts = [make_prompt(mask, prompt_variant, prompt_rng(seed, case_id, index, value))
                        for mask, value in zip(masks, values)]
-            logits, _ = predict_masks(model, embedding, label_slice.shape, prompts, prompt_variant, masks)
+            logits, _ = predict_masks(cache.backbone.model, embedding, label_slice.shape, prompts, prompt_variant,
+                                      masks)
             np.moveaxis(prediction, axis, 0)[index] = resolve_overlaps(logits, values)
         decode_seconds += time.perf_counter() - started
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}.nii.gz")

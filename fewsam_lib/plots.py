@@ -13,7 +13,7 @@ from . import paths
 from .manifest import Manifest, load_manifest
 from .prompting import get_variant, make_prompt, prompt_rng
 from .runs import METRICS, load_run
-from .volumes import load_case, normalise_intensity, slice_table, take_slice
+from .volumes import grey_slices, load_case, normalise_intensity, slice_table, take_slice
 
 TASK_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
@@ -54,7 +54,7 @@ def prompting_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
     figure, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.6 * len(picks)), squeeze=False)
     for row_axes, (_, row) in zip(axes, picks.iterrows()):
         volume = load_case(manifest, row.case_id)
-        grey = take_slice(normalise_intensity(volume.image, manifest.intensity), manifest.slice_axis, row.slice_index)
+        grey = grey_slices(manifest, volume, [row.slice_index])[0]
         gt = take_slice(volume.label, manifest.slice_axis, row.slice_index)
         predicted = volume.read_on_canonical_grid(Path(run_folder) / "predictions" / f"{row.case_id}.nii.gz")
         pred = take_slice(predicted, manifest.slice_axis, row.slice_index)
@@ -117,7 +117,7 @@ def example_overlays(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
         rows = table[table.case_id == case_id]
         index = int(rows.slice_index.iloc[int(np.argmax(rows[manifest.task_names].sum(axis=1)))])
         volume = load_case(manifest, case_id)
-        grey = take_slice(normalise_intensity(volume.image, manifest.intensity), manifest.slice_axis, index)
+        grey = grey_slices(manifest, volume, [index])[0]
         _show(ax, grey, f"{case_id} slice {index}")
         _draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
     handles = [plt.matplotlib.patches.Patch(color=c, label=t) for c, t in zip(TASK_COLOURS, manifest.task_names)]

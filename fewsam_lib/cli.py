@@ -107,17 +107,31 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    method = {"prompting": "sam_prompting", "fewshot": "fewshot"}[args.method]
+    if method == "fewshot" and args.shots is None:
+        raise FewsamError("fewshot runs need --shots (labelled slices per task)")
+    if method == "sam_prompting" and args.shots is not None:
+        raise FewsamError("--shots is for fewshot runs; prompting uses no labelled slices")
+    variant = args.variant or {"sam_prompting": "box", "fewshot": "centred"}[method]
     if args.no_notebook:
-        from .prompting import run_prompting
+        if method == "fewshot":
+            from .fewshot import run_fewshot
 
-        folder = run_prompting(args.manifest, args.backbone, args.variant, args.seed, args.profile,
-                               results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
-                               progress=not args.quiet)
+            folder = run_fewshot(args.manifest, args.backbone, args.shots, args.seed, args.profile, variant,
+                                 results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
+                                 progress=not args.quiet)
+        else:
+            from .prompting import run_prompting
+
+            folder = run_prompting(args.manifest, args.backbone, variant, args.seed, args.profile,
+                                   results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
+                                   progress=not args.quiet)
     else:
-        from .notebooks import run_prompting_notebook
+        from .notebooks import run_notebook
+        from .profiles import PlannedRun
 
-        folder = run_prompting_notebook(args.manifest, args.backbone, args.variant, args.seed, args.profile,
-                                        results_dir=args.results)
+        folder = run_notebook(PlannedRun(method, args.manifest, args.backbone, variant, args.seed, args.profile,
+                                         args.shots), results_dir=args.results)
     print(f"run complete: {folder}")
     return 0
 
@@ -155,6 +169,28 @@ def _overview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from .fewshot import TrainingSettings
+    from .segment import segment_query
+
+    intensity = None
+    if args.window is not None:
+        intensity = {"mode": "window", "level": args.window[0], "width": args.window[1]}
+    settings = TrainingSettings() if args.steps is None else TrainingSettings(steps=args.steps)
+    result = segment_query(
+        args.query, args.out, backbone=args.backbone, support=args.support, support_labels=args.support_labels,
+        model_file=args.model, save_model=args.save_model, labels=args.labels, slice_axis=args.slice_axis,
+        intensity=intensity, variant=args.variant, settings=settings, seed=args.seed,
+        checkpoint=args.checkpoint, device=args.device, progress=not args.quiet)
+    if result.support_slices:
+        print(f"trained on {len(result.support_slices)} labelled slices of {args.support}: {result.support_slices}")
+    if result.model_file is not None:
+        print(f"few-shot model: {result.model_file}")
+    voxels = ", ".join(f"{name} {count} voxels" for name, count in result.predicted_voxels.items())
+    print(f"written: {result.output} ({voxels})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewsam", description="fewsam: a benchmark of few-shot SAM fine-tuning for anatomical segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     weights.set_defaults(handler=_weights)
 
     run = sub.add_parser("run", help="one benchmark run (executes its notebook into the run folder)")
-    run.add_argument("method", choices=["prompting"])
+    run.add_argument("method", choices=["prompting", "fewshot"])
     run.add_argument("manifest")
     run.add_argument("--backbone", required=True)
-    run.add_argument("--variant", required=True, help="prompt variant, e.g. point1, point3, box, box_point")
+    run.add_argument("--variant", default=None,
+                     help="prompting: point1, point3, box (default), box_point ...; fewshot: the token design, "
+                          "centred (default), raw, centred_bg")
+    run.add_argument("--shots", type=int, default=None, help="fewshot: labelled slices per task")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--profile", default="smoke", help="smoke, cpu or full")
     run.add_argument("--results", default=None, help="results folder (default: results/)")
@@ -200,6 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="only with --no-notebook")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(handler=_run)
+
+    segment = sub.add_parser("segment", help="few-shot segmentation of a volume from a few labelled slices of another")
+    segment.add_argument("--query", required=True, help="the volume to segment (NIfTI)")
+    segment.add_argument("--out", required=True, help="where to write the predicted label volume (NIfTI)")
+    segment.add_argument("--support", default=None, help="a volume with some labelled slices (NIfTI)")
+    segment.add_argument("--support-labels", default=None,
+                         help="its label volume; slices without any label are ignored")
+    segment.add_argument("--model", default=None, help="a saved few-shot model instead of training")
+    segment.add_argument("--save-model", default=None, help="save the trained few-shot model here")
+    segment.add_argument("--backbone", default="mobile_sam")
+    segment.add_argument("--labels", default=None, help="task names, e.g. 1=anterior,2=posterior")
+    segment.add_argument("--slice-axis", default="axial", help="axial, coronal or sagittal (RAS+)")
+    segment.add_argument("--window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"), default=None,
+                         help="CT window in HU (default: 0.5-99.5 percentile of non-zero voxels, for MR)")
+    segment.add_argument("--variant", default="centred", help="token design: centred, raw, centred_bg")
+    segment.add_argument("--steps", type=int, default=None, help="decoder training steps (default 200)")
+    segment.add_argument("--seed", type=int, default=0)
+    segment.add_argument("--checkpoint", default=None)
+    segment.add_argument("--device", default="cpu")
+    segment.add_argument("--quiet", action="store_true")
+    segment.set_defaults(handler=_segment)
 
     summarize = sub.add_parser("summarize", help="aggregate all complete runs into results/tables/summary.*")
     summarize.add_argument("--results", default=None)

@@ -25,6 +25,7 @@ import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,9 +42,12 @@ from .manifest import Manifest, load_manifest
 from .profiles import load_profile
 from .prompting import resolve_overlaps
 from .runs import RunSpec, RunWriter, run_provenance, score_case
-from .volumes import grey_slices, load_case, slice_table, take_slice
+from .volumes import grey_slices, load_case, slice_table, stack_slices, take_slice
 
 EMBEDDING_GRID = 64
+MODEL_FORMAT = "fewsam-fewshot-decoder-v1"
+MODEL_FILE = "fewshot_model.pt"  # git-ignored (~16 MB of decoder weights); the run regenerates it
+CURVE_FILE = "training_curve.csv"
 
 
 @dataclass(frozen=True)
@@ -201,12 +205,72 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class TrainingSettings:
-    """One fixed schedule for every task and dataset (no early stopping)."""
+    """One fixed schedule for every task and dataset (no early stopping); profiles may shorten it."""
 
     steps: int = 200
     slices_per_step: int = 2
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
+
+
+@dataclass
+class FewShotModel:
+    """A trained few-shot decoder with its tokens: segments new images without the collection."""
+
+    backbone: str
+    design: TokenDesign
+    tasks: dict[int, str]
+    tokens: dict[str, torch.Tensor]
+    decoder: MaskDecoder
+    # How grey slices were made from the volumes ({"slice_axis": int, "intensity": {...}}): a
+    # query must be cut and normalised the same way.
+    preprocessing: dict[str, Any]
+
+    def token_batch(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(T, k, 256): one token set per task, in label order."""
+        return torch.stack([self.tokens[name] for name in self.tasks.values()]).to(device)
+
+    def segment(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        """Label slices (N, H, W) for N embeddings: per pixel the task with the highest positive logit."""
+        tokens = self.token_batch(model.device)
+        values = list(self.tasks)
+        with torch.inference_mode():
+            return np.stack([
+                resolve_overlaps(decode(self.decoder, model, embedding.to(model.device), tokens,
+                                        slice_shape).cpu().numpy(), values)
+                for embedding in embeddings
+            ])
+
+    def save(self, path: str | Path) -> Path:
+        """Decoder weights and tokens in one small file (atomic write)."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        torch.save({"format": MODEL_FORMAT, "backbone": self.backbone, "design": asdict(self.design),
+                    "tasks": self.tasks, "preprocessing": self.preprocessing,
+                    "tokens": {name: t.cpu() for name, t in self.tokens.items()},
+                    "decoder": {k: v.cpu() for k, v in self.decoder.state_dict().items()}}, partial)
+        partial.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Sam, backbone: str) -> FewShotModel:
+        """A saved model, checked against the backbone whose embeddings it will decode."""
+        path = Path(path)
+        if not path.exists():
+            raise FewsamError(f"{path}: no such few-shot model file")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a truncated or foreign file
+            raise FewsamError(f"{path}: not a readable few-shot model ({type(error).__name__}: {error})") from None
+        if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
+            raise FewsamError(f"{path}: not a fewsam few-shot model (expected format '{MODEL_FORMAT}')")
+        if saved["backbone"] != backbone:
+            raise FewsamError(f"{path}: trained on {saved['backbone']} embeddings, cannot decode {backbone} ones")
+        decoder = copy.deepcopy(model.mask_decoder)
+        decoder.load_state_dict(saved["decoder"])
+        return cls(backbone, TokenDesign(**saved["design"]), {int(k): v for k, v in saved["tasks"].items()},
+                   saved["tokens"], decoder.eval().requires_grad_(False), saved["preprocessing"])
+
 
 
 def train_decoder(
@@ -242,8 +306,26 @@ def train_decoder(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
+        history.append(loss.item())
     return decoder.eval().requires_grad_(False), history
+
+
+def fit_fewshot(
+    model: Sam,
+    backbone: str,
+    embeddings: list[torch.Tensor],
+    label_slices: list[np.ndarray],
+    tasks: dict[int, str],
+    design: TokenDesign,
+    settings: TrainingSettings,
+    seed: int,
+    preprocessing: dict[str, Any],
+    progress: bool = True,
+) -> tuple[FewShotModel, list[float]]:
+    """Tokens from the collection, then the decoder trained with them; returns the model and loss curve."""
+    tokens = few_shot_tokens(model, embeddings, label_slices, tasks, design)
+    decoder, history = train_decoder(model, tokens, embeddings, label_slices, tasks, settings, seed, progress)
+    return FewShotModel(backbone, design, dict(tasks), tokens, decoder, preprocessing), history
 
 
 def load_support(manifest: Manifest, collection: Collection, cache: EmbeddingCache,
@@ -275,11 +357,14 @@ def run_fewshot(
     settings: TrainingSettings | None = None,
     progress: bool = True,
 ) -> Path:
-    """Draw a collection, train the decoder on it, segment every slice of the profile's test cases."""
+    """Draw a collection, train the decoder on it, segment every slice of the profile's test cases.
+
+    The schedule is the profile's (``fewshot.training``) unless ``settings`` is given.
+    """
     loaded = load_manifest(manifest)
     design = get_design(variant)
     chosen_profile = load_profile(profile)
-    settings = settings or TrainingSettings()
+    settings = settings or TrainingSettings(**chosen_profile.fewshot_training)
     cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device)
     spec = RunSpec(loaded.dataset, "fewshot", variant, backbone, seed, chosen_profile.name, shots)
     case_ids = chosen_profile.test_case_ids(loaded)
@@ -293,15 +378,14 @@ def run_fewshot(
     )
     embeddings, labels = load_support(loaded, collection, cache, progress)
     model = cache.backbone.model
-    tokens = few_shot_tokens(model, embeddings, labels, loaded.tasks, design)
     started = time.perf_counter()
-    decoder, history = train_decoder(model, tokens, embeddings, labels, loaded.tasks, settings, seed, progress)
+    preprocessing = {"slice_axis": loaded.slice_axis, "intensity": loaded.intensity.as_dict()}
+    fewshot_model, history = fit_fewshot(model, backbone, embeddings, labels, loaded.tasks, design, settings, seed,
+                                         preprocessing, progress)
     train_seconds = time.perf_counter() - started
-    save_fewshot_model(writer.folder / "fewshot_model.pt", decoder, tokens, design, loaded.tasks, backbone)
-    pd.DataFrame({"step": range(1, len(history) + 1), "loss": history}).to_csv(writer.folder / "training_curve.csv",
+    fewshot_model.save(writer.folder / MODEL_FILE)
+    pd.DataFrame({"step": range(1, len(history) + 1), "loss": history}).to_csv(writer.folder / CURVE_FILE,
                                                                              index=False)
-    token_batch = torch.stack([tokens[name] for name in loaded.tasks.values()]).to(model.device)
-    values = list(loaded.tasks)
     axis = loaded.slice_axis
     rows: list[dict] = []
     predict_seconds = 0.0
@@ -310,25 +394,13 @@ def run_fewshot(
         indices = list(range(volume.image.shape[axis]))
         slices = grey_slices(loaded, volume, indices)
         case_embeddings = cache.get_many(slices, progress=progress, desc=f"encode {case_id}")
-        prediction = np.zeros(volume.label.shape, dtype=np.uint8)
         started = time.perf_counter()
-        with torch.inference_mode():
-            for index, grey, embedding in zip(indices, slices, case_embeddings):
-                logits = decode(decoder, model, embedding.to(model.device), token_batch, grey.shape).cpu().numpy()
-                np.moveaxis(prediction, axis, 0)[index] = resolve_overlaps(logits, values)
+        prediction = stack_slices(list(fewshot_model.segment(model, case_embeddings, slices[0].shape)), axis)
         predict_seconds += time.perf_counter() - started
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}.nii.gz")
         rows += score_case(loaded, spec, volume, prediction, slices=indices, slice_selection="all_slices")
     return writer.finish(rows, timings={"encode": cache.stats.encode_seconds, "train": train_seconds,
                                         "predict": predict_seconds},
-                         extra={"cache": cache.stats.as_dict(), "final_training_loss": history[-1]})
+                         extra={"cache": cache.stats.as_dict(), "final_training_loss": history[-1],
+                                "support_slices": len(collection.slices)})
 
-
-def save_fewshot_model(path: Path, decoder: MaskDecoder, tokens: dict[str, torch.Tensor], design: TokenDesign,
-                       tasks: dict[int, str], backbone: str) -> None:
-    """Decoder weights and tokens: everything needed to segment again without the collection."""
-    partial = path.with_name(f".{path.name}.partial")
-    torch.save({"backbone": backbone, "design": asdict(design), "tasks": tasks,
-                "tokens": {name: t.cpu() for name, t in tokens.items()},
-                "decoder": {k: v.cpu() for k, v in decoder.state_dict().items()}}, partial)
-    partial.replace(path)

@@ -205,7 +205,7 @@ def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
     return cases
 
 
-def _parse_labels(spec: Any, manifest_path: Path) -> dict[int, str]:
+def parse_labels(spec: Any, manifest_path: str | Path) -> dict[int, str]:
     if not isinstance(spec, dict) or not spec:
         raise ManifestError(f"{manifest_path}: 'labels' must map label values to task names, e.g. {{1: liver}}")
     tasks: dict[int, str] = {}
@@ -224,7 +224,7 @@ def _parse_labels(spec: Any, manifest_path: Path) -> dict[int, str]:
     return dict(sorted(tasks.items()))
 
 
-def _parse_axis(spec: Any, manifest_path: Path) -> int:
+def parse_axis(spec: Any, manifest_path: str | Path) -> int:
     if isinstance(spec, str) and spec.lower() in SLICE_AXES:
         return SLICE_AXES[spec.lower()]
     if isinstance(spec, int) and spec in (0, 1, 2):
@@ -232,7 +232,7 @@ def _parse_axis(spec: Any, manifest_path: Path) -> int:
     raise ManifestError(f"{manifest_path}: slice_axis must be axial, coronal, sagittal or 0/1/2, got {spec!r}")
 
 
-def _parse_intensity(spec: Any, manifest_path: Path) -> IntensitySpec:
+def parse_intensity(spec: Any, manifest_path: str | Path) -> IntensitySpec:
     if not isinstance(spec, dict) or "mode" not in spec:
         raise ManifestError(f"{manifest_path}: 'intensity' needs a mode: percentile, window or none")
     mode = spec["mode"]
@@ -296,9 +296,9 @@ def load_manifest(path: str | Path) -> Manifest:
         modality=str(_require(raw, "modality", manifest_path)),
         root=root,
         cases=cases,
-        tasks=_parse_labels(_require(raw, "labels", manifest_path), manifest_path),
-        slice_axis=_parse_axis(_require(raw, "slice_axis", manifest_path), manifest_path),
-        intensity=_parse_intensity(_require(raw, "intensity", manifest_path), manifest_path),
+        tasks=parse_labels(_require(raw, "labels", manifest_path), manifest_path),
+        slice_axis=parse_axis(_require(raw, "slice_axis", manifest_path), manifest_path),
+        intensity=parse_intensity(_require(raw, "intensity", manifest_path), manifest_path),
         split=split,
         split_seed=seed,
         sha256=hashlib.sha256(text.encode()).hexdigest(),

@@ -8,6 +8,7 @@ from typing import Any
 from . import paths
 from .errors import FewsamError
 from .manifest import load_manifest
+from .profiles import PlannedRun
 from .runs import RunSpec, default_results_dir
 
 NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
@@ -30,15 +31,25 @@ def execute(notebook: str, output: Path, parameters: dict[str, Any]) -> Path:
     return output
 
 
-def run_prompting_notebook(manifest: str, backbone: str, variant: str, seed: int = 0, profile: str = "smoke",
-                           results_dir: str | Path | None = None) -> Path:
-    """``10_sam_prompting.ipynb`` for one run; returns the run folder (with ``notebook.ipynb`` in it)."""
+NOTEBOOK_OF_METHOD = {"sam_prompting": "10_sam_prompting.ipynb", "fewshot": "20_fewshot.ipynb"}
+
+
+def planned_folder(run: PlannedRun, results_dir: str | Path | None = None) -> Path:
+    """Where ``run`` writes its run folder."""
+    dataset = load_manifest(paths.REPO_ROOT / run.manifest).dataset
+    spec = RunSpec(dataset, run.method, run.variant, run.backbone, run.seed, run.profile, run.shots)
+    return spec.folder(Path(results_dir) if results_dir else default_results_dir())
+
+
+def run_notebook(run: PlannedRun, results_dir: str | Path | None = None) -> Path:
+    """Execute the method's notebook for one run; returns the run folder (``notebook.ipynb`` inside)."""
     results_dir = Path(results_dir) if results_dir else default_results_dir()
-    spec = RunSpec(load_manifest(manifest).dataset, "sam_prompting", variant, backbone, seed, profile)
-    folder = spec.folder(results_dir)
-    execute("10_sam_prompting.ipynb", folder / "notebook.ipynb",
-            {"manifest": str(manifest), "backbone": backbone, "variant": variant, "seed": seed, "profile": profile,
-             "results_dir": str(results_dir), "progress": False})
+    folder = planned_folder(run, results_dir)
+    parameters = {"manifest": run.manifest, "backbone": run.backbone, "variant": run.variant, "seed": run.seed,
+                  "profile": run.profile, "results_dir": str(results_dir), "progress": False}
+    if run.shots is not None:
+        parameters["shots"] = run.shots
+    execute(NOTEBOOK_OF_METHOD[run.method], folder / "notebook.ipynb", parameters)
     return folder
 
 

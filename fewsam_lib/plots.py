@@ -11,9 +11,9 @@ import seaborn as sns
 
 from . import paths
 from .manifest import Manifest, load_manifest
-from .prompting import get_variant, make_prompt, prompt_rng
+from .prompting import Prompt, get_variant, make_prompt, prompt_rng
 from .runs import METRICS, load_run
-from .volumes import grey_slices, load_case, normalise_intensity, slice_table, take_slice
+from .volumes import Volume, grey_slices, load_case, normalise_intensity, slice_table, take_slice, task_voxels_per_slice
 
 TASK_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
@@ -44,11 +44,14 @@ def _show(ax: plt.Axes, grey: np.ndarray, title: str) -> None:
     ax.set_axis_off()
 
 
-def prompting_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
-    """Image, ground truth, prompt and prediction on the worst, median and best slices of a run."""
+def run_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
+    """Image, ground truth and prediction on the worst, median and best scored slices of a run.
+
+    Prompting runs also show the prompt that produced each prediction.
+    """
     meta, metrics = load_run(run_folder)
     manifest = load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
-    variant = get_variant(meta["variant"])
+    variant = get_variant(meta["variant"]) if meta["method"] == "sam_prompting" else None
     rows = metrics[metrics.level == "slice"].sort_values(["dice", "case_id", "slice_index"]).reset_index(drop=True)
     picks = rows.iloc[np.unique(np.linspace(0, len(rows) - 1, examples).round().astype(int))]
     figure, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.6 * len(picks)), squeeze=False)
@@ -59,22 +62,86 @@ def prompting_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
         predicted = volume.read_on_canonical_grid(Path(run_folder) / "predictions" / f"{row.case_id}.nii.gz")
         pred = take_slice(predicted, manifest.slice_axis, row.slice_index)
         value = manifest.label_of(row.task)
-        prompt = make_prompt(gt == value, variant, prompt_rng(meta["seed"], row.case_id, int(row.slice_index), value))
         _show(row_axes[0], grey, f"{row.case_id} slice {row.slice_index}")
         _show(row_axes[1], grey, "ground truth")
         _draw_labels(row_axes[1], gt.T, manifest.tasks)
         _show(row_axes[2], grey, f"{row.task}: Dice {row.dice:.2f}")
         _draw_labels(row_axes[2], pred.T, manifest.tasks)
         _draw_contour(row_axes[2], (gt == value).T)
-        for (x, y), positive in zip(prompt.points, prompt.labels):
-            # Prompt x is a slice column, drawn vertically in the transposed display.
-            row_axes[2].plot(y - 0.5, x - 0.5, marker="*" if positive else "x", color="yellow", markersize=9)
-        if prompt.box is not None:
-            x0, y0, x1, y1 = prompt.box - 0.5
-            row_axes[2].add_patch(plt.Rectangle((y0, x0), y1 - y0, x1 - x0, fill=False, edgecolor="yellow", linewidth=1))
-    figure.suptitle(f"{meta['backbone']} · {meta['variant']} · seed {meta['seed']} · {meta['profile']}", fontsize=9)
+        if variant is not None:
+            prompt = make_prompt(gt == value, variant, prompt_rng(meta["seed"], row.case_id, int(row.slice_index), value))
+            _draw_prompt(row_axes[2], prompt)
+    shots = f" · {meta['shots']} shots" if meta.get("shots") is not None else ""
+    figure.suptitle(f"{meta['backbone']} · {meta['method']} {meta['variant']}{shots} · seed {meta['seed']} · "
+                    f"{meta['profile']}", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def _draw_prompt(ax: plt.Axes, prompt: Prompt) -> None:
+    for (x, y), positive in zip(prompt.points, prompt.labels):
+        # Prompt x is a slice column, drawn vertically in the transposed display.
+        ax.plot(y - 0.5, x - 0.5, marker="*" if positive else "x", color="yellow", markersize=9)
+    if prompt.box is not None:
+        x0, y0, x1, y1 = prompt.box - 0.5
+        ax.add_patch(plt.Rectangle((y0, x0), y1 - y0, x1 - x0, fill=False, edgecolor="yellow", linewidth=1))
+
+
+def collection_figure(run_folder: str | Path, limit: int = 10) -> plt.Figure:
+    """The few-shot collection of a run: its labelled support slices (at most ``limit``)."""
+    meta, _ = load_run(run_folder)
+    manifest = load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
+    slices = meta["collection"]["slices"][:limit]
+    columns = min(5, len(slices))
+    rows = -(-len(slices) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    volumes: dict[str, Volume] = {}
+    for ax, support in zip(axes.ravel(), slices):
+        case_id, index = support["case_id"], support["slice_index"]
+        volume = volumes.setdefault(case_id, load_case(manifest, case_id))
+        _show(ax, grey_slices(manifest, volume, [index])[0], f"{case_id} slice {index}")
+        _draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
+    total = len(meta["collection"]["slices"])
+    figure.suptitle(f"few-shot collection: {meta['shots']} slices per task, seed {meta['seed']} "
+                    f"({total} distinct slices{'' if total <= limit else f', first {limit} shown'})", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def training_curve(run_folder: str | Path) -> plt.Figure:
+    """Training loss per step, with a 10-step running mean."""
+    curve = pd.read_csv(Path(run_folder) / "training_curve.csv")
+    figure, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(curve.step, curve.loss, color="0.75", linewidth=0.8, label="per step")
+    ax.plot(curve.step, curve.loss.rolling(10, min_periods=1).mean(), color="C0", label="running mean (10)")
+    ax.set(xlabel="step", ylabel="BCE + soft Dice loss", title="decoder training")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def empty_slice_behaviour(run_folder: str | Path) -> pd.DataFrame:
+    """Per task: on slices without the task, how often the method still predicted it.
+
+    The few-shot method segments every slice, so it must also say "nothing here".
+    """
+    meta, metrics = load_run(run_folder)
+    manifest = load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
+    axis = manifest.slice_axis
+    counts = {task: [0, 0] for task in manifest.task_names}
+    for case_id in metrics.case_id.unique():
+        volume = load_case(manifest, case_id, image=False)
+        predicted = volume.read_on_canonical_grid(Path(run_folder) / "predictions" / f"{case_id}.nii.gz")
+        for value, task in manifest.tasks.items():
+            truth = task_voxels_per_slice(volume.label == value, axis, {1: task})[task].to_numpy()
+            found = task_voxels_per_slice(predicted == value, axis, {1: task})[task].to_numpy()
+            counts[task][0] += int((truth == 0).sum())
+            counts[task][1] += int(((truth == 0) & (found > 0)).sum())
+    return pd.DataFrame([{"task": task, "slices_without_task": n, "predicted_anyway": wrong,
+                          "false_positive_rate": round(wrong / n, 3) if n else np.nan}
+                         for task, (n, wrong) in counts.items()])
 
 
 def split_summary(manifest: Manifest) -> pd.DataFrame:

@@ -30,16 +30,40 @@ class Profile:
         """Manifests of the matrix, relative to the repository."""
         return list(self.raw.get("datasets", []))
 
-    def prompting_runs(self) -> list[dict[str, Any]]:
-        """Every (manifest, backbone, variant, seed) of the profile's prompting matrix."""
-        matrix = self.raw.get("prompting") or {}
-        return [
-            {"manifest": manifest, "backbone": backbone, "variant": variant, "seed": seed, "profile": self.name}
-            for manifest in self.datasets
-            for backbone in matrix.get("backbones", [])
-            for variant in matrix.get("variants", [])
-            for seed in matrix.get("seeds", [0])
-        ]
+    @property
+    def fewshot_training(self) -> dict[str, Any]:
+        """Overrides of the few-shot training schedule (``fewshot.training``), e.g. fewer steps for smoke."""
+        return dict((self.raw.get("fewshot") or {}).get("training") or {})
+
+    def runs(self) -> list[PlannedRun]:
+        """Every run of the profile's matrix, method by method, in a stable order."""
+        planned = []
+        for method, section in METHOD_SECTIONS.items():
+            matrix = self.raw.get(section) or {}
+            for manifest in self.datasets:
+                for backbone in matrix.get("backbones", []):
+                    for variant in matrix.get("variants", []):
+                        for shots in matrix.get("shots", [None]):
+                            for seed in matrix.get("seeds", [0]):
+                                planned.append(PlannedRun(method, manifest, backbone, variant, seed, self.name, shots))
+        return planned
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One cell of a profile's matrix; ``manifest`` is relative to the repository."""
+
+    method: str
+    manifest: str
+    backbone: str
+    variant: str
+    seed: int
+    profile: str
+    shots: int | None = None
+
+
+# method name in run folders -> section of the profile YAML that lists its matrix
+METHOD_SECTIONS = {"sam_prompting": "prompting", "fewshot": "fewshot"}
 
 
 def available_profiles() -> list[str]:

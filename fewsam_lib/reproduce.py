@@ -8,10 +8,10 @@ from tqdm import tqdm
 
 from . import paths
 from .manifest import load_manifest
-from .notebooks import run_dataset_overview, run_prompting_notebook
+from .notebooks import planned_folder, run_dataset_overview, run_notebook
 from .plots import write_result_figures
 from .profiles import load_profile
-from .runs import IncompleteRun, RunSpec, default_results_dir, load_run, summarize
+from .runs import IncompleteRun, default_results_dir, load_run, summarize
 
 
 def is_complete(folder: Path) -> bool:
@@ -31,19 +31,15 @@ def reproduce(profile: str, results_dir: str | Path | None = None, dry_run: bool
     chosen = load_profile(profile)
     results_dir = Path(results_dir) if results_dir else default_results_dir()
     outcome = []
-    runs = chosen.prompting_runs()
+    runs = chosen.runs()
     for run in tqdm(runs, desc=f"reproduce {chosen.name}", unit="run", disable=dry_run):
-        manifest = paths.REPO_ROOT / run["manifest"]
-        spec = RunSpec(load_manifest(manifest).dataset, "sam_prompting", run["variant"], run["backbone"],
-                       run["seed"], chosen.name)
-        folder = spec.folder(results_dir)
+        folder = planned_folder(run, results_dir)
         if is_complete(folder) and not force:
             outcome.append((folder, "complete"))
         elif dry_run:
             outcome.append((folder, "planned"))
         else:
-            run_prompting_notebook(run["manifest"], run["backbone"], run["variant"], run["seed"], chosen.name,
-                                   results_dir)
+            run_notebook(run, results_dir)
             outcome.append((folder, "ran"))
     if not dry_run:
         for manifest in chosen.datasets:

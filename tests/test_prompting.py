@@ -134,11 +134,12 @@ def test_resolve_overlaps_highest_logit_wins():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from fewsam_lib.notebooks import run_prompting_notebook
+    from fewsam_lib.notebooks import run_notebook
+    from fewsam_lib.profiles import PlannedRun
 
     results = tmp_path_factory.mktemp("results")
-    folder = run_prompting_notebook(str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "box", seed=0, profile="smoke",
-                                    results_dir=results)
+    folder = run_notebook(PlannedRun("sam_prompting", str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "box", 0, "smoke"),
+                          results_dir=results)
     return results, folder
 
 

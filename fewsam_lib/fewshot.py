@@ -117,6 +117,34 @@ def draw_collection(manifest: Manifest, shots: int, seed: int, table: pd.DataFra
     return Collection(tuple(unique), per_task, shots, seed)
 
 
+def explicit_collection(manifest: Manifest, entries: list[tuple[str, int]],
+                        table: pd.DataFrame | None = None) -> Collection:
+    """A collection given as (case id, slice index) pairs, e.g. the slices a user labelled.
+
+    Each slice serves every task it shows; every task must be on at least one of them.
+    """
+    if not entries:
+        raise FewsamError("an explicit collection needs at least one (case id, slice index)")
+    case_ids = sorted({case_id for case_id, _ in entries})
+    for case_id in case_ids:
+        manifest.case(case_id)  # an unknown case is a ManifestError naming the manifest
+    table = table if table is not None else slice_table(manifest, case_ids)
+    chosen = [SupportSlice(str(case_id), int(index)) for case_id, index in dict.fromkeys(entries)]
+    per_task: dict[str, tuple[SupportSlice, ...]] = {}
+    for task in manifest.task_names:
+        showing = []
+        for support in chosen:
+            row = table[(table.case_id == support.case_id) & (table.slice_index == support.slice_index)]
+            if row.empty:
+                raise FewsamError(f"{manifest.path}: case {support.case_id} has no slice {support.slice_index}")
+            if int(row[task].iloc[0]) > 0:
+                showing.append(support)
+        if not showing:
+            raise FewsamError(f"task '{task}' is on none of the collection's slices")
+        per_task[task] = tuple(showing)
+    return Collection(tuple(chosen), per_task, shots=None, seed=None)
+
+
 def embedding_grid_weights(mask: np.ndarray, input_size: int) -> torch.Tensor:
     """Fraction of each 64x64 embedding cell that ``mask`` covers, through SAM's resize and padding."""
     height, width = mask.shape
@@ -270,7 +298,6 @@ class FewShotModel:
         decoder.load_state_dict(saved["decoder"])
         return cls(backbone, TokenDesign(**saved["design"]), {int(k): v for k, v in saved["tasks"].items()},
                    saved["tokens"], decoder.eval().requires_grad_(False), saved["preprocessing"])
-
 
 
 def train_decoder(

@@ -36,3 +36,12 @@ def display(path: str | Path) -> str:
         return str(path.relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
+
+
+NNUNET_VARIABLES = {"raw": "nnUNet_raw", "preprocessed": "nnUNet_preprocessed", "results": "nnUNet_results"}
+
+
+def nnunet_roots() -> dict[str, Path]:
+    """nnU-Net's three folders: its own environment variables, else ``<repo>/work/nnunet/*`` (git-ignored)."""
+    return {role: _from_env(variable, REPO_ROOT / "work" / "nnunet" / role)
+            for role, variable in NNUNET_VARIABLES.items()}

@@ -220,14 +220,57 @@ def prompting_figure(summary: pd.DataFrame) -> plt.Figure | None:
     return figure
 
 
+REFERENCE_VARIANTS = ("point1", "box")  # prompting baselines drawn as horizontal lines
+
+
+def fewshot_figure(summary: pd.DataFrame) -> plt.Figure | None:
+    """Slice-level IoU against labelled slices per task: few-shot per backbone (mean, 95% CI over slices
+    and seeds), with the same backbone's prompting baselines as horizontal references."""
+    iou = summary[(summary.metric == "iou") & (summary.level == "slice")]
+    fewshot = iou[iou.method == "fewshot"].assign(shots=lambda f: f.shots.astype(int))
+    if fewshot.empty:
+        return None
+    profile = fewshot.profile.value_counts().idxmax()  # one profile per figure: same test cases throughout
+    fewshot = fewshot[fewshot.profile == profile]
+    prompting = iou[(iou.method == "sam_prompting") & iou.variant.isin(REFERENCE_VARIANTS) & (iou.profile == profile)]
+    tasks = sorted(fewshot.task.unique())
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.6), squeeze=False, sharey=True)
+    styles = dict(zip(REFERENCE_VARIANTS, [":", "--"]))
+    for ax, task in zip(axes[0], tasks):
+        for colour, backbone in zip(sns.color_palette("deep"), sorted(fewshot.backbone.unique())):
+            for variant, line in fewshot[(fewshot.task == task) & (fewshot.backbone == backbone)].groupby("variant"):
+                line = line.sort_values("shots")
+                ax.plot(line.shots, line["mean"], marker="o", color=colour, label=f"{backbone} few-shot ({variant})")
+                ax.fill_between(line.shots, line.ci95_low, line.ci95_high, color=colour, alpha=0.2, linewidth=0)
+            for reference in prompting[(prompting.task == task) & (prompting.backbone == backbone)].itertuples():
+                ax.axhline(reference.mean, color=colour, linestyle=styles[reference.variant], linewidth=1,
+                           label=f"{backbone} SAM {reference.variant}")
+        shots = sorted(fewshot.shots.unique())
+        ax.set_xscale("log")
+        ax.set_xticks(shots, [str(s) for s in shots])
+        ax.minorticks_off()
+        ax.set(title=f"{fewshot.dataset.iloc[0]} · {task}", xlabel="labelled slices per task (shots)",
+               ylabel="IoU (slices with the task)", ylim=(0, 1))
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure.suptitle(f"Few-shot decoder vs SAM prompts (profile {profile}, seeds per point: {int(fewshot.seeds.max())}; "
+                    "mean and 95% bootstrap CI)",
+                    fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+RESULT_FIGURES = {"prompting_iou.png": prompting_figure, "fewshot_iou_vs_shots.png": fewshot_figure}
+
+
 def write_result_figures(results_dir: str | Path, summary: pd.DataFrame) -> list[Path]:
     """The figures every summary regenerates, under ``results/figures/``."""
     folder = Path(results_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    figure = prompting_figure(summary)
-    if figure is not None:
-        written.append(folder / "prompting_iou.png")
-        figure.savefig(written[-1], dpi=130)
-        plt.close(figure)
+    for name, make in RESULT_FIGURES.items():
+        figure = make(summary)
+        if figure is not None:
+            written.append(folder / name)
+            figure.savefig(written[-1], dpi=130)
+            plt.close(figure)
     return written

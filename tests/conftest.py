@@ -94,3 +94,30 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("FEWSAM_CACHE")
     else:
         os.environ["FEWSAM_CACHE"] = previous
+
+
+def _smoke_run(tmp_path_factory, method: str, variant: str, shots: int | None = None) -> Path:
+    """One run of the smoke profile executed through its notebook, in a results folder of its own."""
+    from fewsam_lib.notebooks import run_notebook
+    from fewsam_lib.profiles import PlannedRun
+
+    results = tmp_path_factory.mktemp(f"{method}-results")
+    return run_notebook(PlannedRun(method, str(HIPPOCAMPUS_MANIFEST), "mobile_sam", variant, 0, "smoke", shots),
+                        results_dir=results)
+
+
+@pytest.fixture(scope="session")
+def prompting_smoke_run(tmp_path_factory) -> Path:
+    """Run folder of 10_sam_prompting (mobile_sam, box, smoke profile: one real test case)."""
+    return _smoke_run(tmp_path_factory, "sam_prompting", "box")
+
+
+@pytest.fixture(scope="session")
+def fewshot_smoke_run(tmp_path_factory) -> Path:
+    """Run folder of 20_fewshot (mobile_sam, 5 shots, the smoke profile's short schedule)."""
+    return _smoke_run(tmp_path_factory, "fewshot", "centred", shots=5)
+
+
+def results_dir_of(run_folder: Path) -> Path:
+    """results/runs/<dataset>/<method>/<run_id> -> results."""
+    return run_folder.parents[3]

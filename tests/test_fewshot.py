@@ -1,21 +1,38 @@
-"""Few-shot collection and token pooling (the decoder training is tested in its own issue's tests)."""
+"""The few-shot method on real hippocampus slices: collection, tokens, decoder training, runs."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from conftest import HIPPOCAMPUS_MANIFEST, results_dir_of
+from fewsam_lib.cache import EmbeddingCache
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.fewshot import (
+    CURVE_FILE,
+    MODEL_FILE,
+    FewShotModel,
+    SupportSlice,
+    TrainingSettings,
     draw_collection,
     embedding_grid_weights,
+    explicit_collection,
     few_shot_tokens,
+    fit_fewshot,
     get_design,
+    load_support,
     point_token_norm,
     pooled_embedding,
+    run_fewshot,
 )
-from fewsam_lib.volumes import slice_table
+from fewsam_lib.profiles import load_profile
+from fewsam_lib.runs import RunSpec, load_run, score_case
+from fewsam_lib.volumes import grey_slices, load_case, slice_table, stack_slices
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +105,159 @@ def test_tokens_per_design_and_absent_task_error(mobile_sam):
         few_shot_tokens(model, embeddings, labels, tasks, get_design("centred"))
     with pytest.raises(FewsamError, match="unknown few-shot variant"):
         get_design("magic")
+
+
+# --- the trained decoder -------------------------------------------------------------------------
+
+PREPROCESSING = {"slice_axis": 2, "intensity": {"mode": "percentile", "lower": 0.5, "upper": 99.5}}
+
+
+@pytest.fixture(scope="module")
+def support(hippocampus, train_table):
+    """Real cached embeddings and labels of a 2-shot collection (about 4 slices)."""
+    cache = EmbeddingCache("mobile_sam")
+    embeddings, labels = load_support(hippocampus, draw_collection(hippocampus, 2, 0, train_table), cache,
+                                      progress=False)
+    return cache, embeddings, labels
+
+
+def _fit(support, hippocampus, seed: int, steps: int = 2):
+    cache, embeddings, labels = support
+    return fit_fewshot(cache.backbone.model, "mobile_sam", embeddings, labels, hippocampus.tasks,
+                       get_design("centred"), TrainingSettings(steps=steps), seed, PREPROCESSING, progress=False)
+
+
+def test_training_never_runs_the_encoder_and_changes_only_the_decoder(support, hippocampus, monkeypatch):
+    cache, _, _ = support
+    model = cache.backbone.model
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    misses = cache.stats.misses
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the image encoder ran during training")
+
+    monkeypatch.setattr(model.image_encoder, "forward", no_encoder)
+    fitted, history = _fit(support, hippocampus, seed=0, steps=3)
+    assert len(history) == 3 and cache.stats.misses == misses
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # SAM untouched
+    trained = fitted.decoder.state_dict()
+    changed = [name for name, value in trained.items() if not torch.equal(value, before[f"mask_decoder.{name}"])]
+    assert len(changed) > len(trained) // 2
+    assert not any(token.requires_grad for token in fitted.tokens.values())
+
+
+def test_same_seed_same_weights_other_seed_other_weights(support, hippocampus):
+    first, _ = _fit(support, hippocampus, seed=0)
+    again, _ = _fit(support, hippocampus, seed=0)
+    other, _ = _fit(support, hippocampus, seed=1)
+    weights, same, different = (m.decoder.state_dict() for m in (first, again, other))
+    assert all(torch.equal(weights[name], same[name]) for name in weights)
+    assert not all(torch.equal(weights[name], different[name]) for name in weights)
+
+
+def test_same_seed_gives_identical_runs(tmp_path):
+    folders = [run_fewshot(str(HIPPOCAMPUS_MANIFEST), "mobile_sam", shots=1, seed=3, profile="smoke",
+                           results_dir=tmp_path / name, settings=TrainingSettings(steps=2), progress=False)
+               for name in ("first", "second")]
+    (first_meta, first), (second_meta, second) = (load_run(folder) for folder in folders)
+    pd.testing.assert_frame_equal(first, second)
+    assert first_meta["collection"] == second_meta["collection"]
+    saved = [torch.load(folder / MODEL_FILE, weights_only=True)["decoder"] for folder in folders]
+    assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[0])
+
+
+@pytest.fixture(scope="module")
+def smoke_case(hippocampus):
+    """Every slice of the smoke profile's test case, with real mobile_sam embeddings."""
+    cache = EmbeddingCache("mobile_sam")
+    case_id = load_profile("smoke").test_case_ids(hippocampus)[0]
+    volume = load_case(hippocampus, case_id)
+    slices = grey_slices(hippocampus, volume, range(volume.image.shape[2]))
+    return cache, volume, slices, cache.get_many(slices, progress=False)
+
+
+def _case_dice(hippocampus, volume, prediction) -> float:
+    spec = RunSpec(hippocampus.dataset, "fewshot", "centred", "mobile_sam", 0, "smoke", 5)
+    rows = pd.DataFrame(score_case(hippocampus, spec, volume, prediction, list(range(prediction.shape[2])),
+                                   "all_slices"))
+    return float(rows[rows.level == "slice"].dice.mean())
+
+
+def test_fewshot_smoke_notebook_writes_a_complete_run(fewshot_smoke_run, hippocampus):
+    folder = fewshot_smoke_run
+    meta, metrics = load_run(folder)
+    assert folder == RunSpec("msd_hippocampus", "fewshot", "centred", "mobile_sam", 0, "smoke", 5).folder(
+        results_dir_of(folder))
+    notebook = json.loads((folder / "notebook.ipynb").read_text())
+    assert any("parameters" in cell["metadata"].get("tags", []) for cell in notebook["cells"])
+    assert meta["shots"] == 5 and meta["parameters"]["training"]["steps"] == 60  # the smoke schedule
+    assert all(len(slices) == 5 for slices in meta["collection"]["per_task"].values())
+    assert len(pd.read_csv(folder / CURVE_FILE)) == 60
+    assert meta["data"]["manifest_sha256"] == hippocampus.sha256
+    assert set(metrics.level) == {"slice", "volume"} and (metrics.slice_selection == "all_slices").all()
+    assert (metrics.shots == 5).all() and (metrics.method == "fewshot").all()
+
+
+def test_fewshot_predictions_reproduce_the_recorded_dice(fewshot_smoke_run, hippocampus):
+    meta, metrics = load_run(fewshot_smoke_run)
+    spec = RunSpec(meta["dataset"], meta["method"], meta["variant"], meta["backbone"], meta["seed"], meta["profile"],
+                   meta["shots"])
+    for case_id, recorded in metrics.groupby("case_id"):
+        volume = load_case(hippocampus, case_id)
+        prediction = volume.read_on_canonical_grid(fewshot_smoke_run / "predictions" / f"{case_id}.nii.gz")
+        recomputed = pd.DataFrame(score_case(hippocampus, spec, volume, prediction,
+                                             list(range(prediction.shape[2])), "all_slices"))
+        np.testing.assert_allclose(recomputed.dice.to_numpy(), recorded.dice.to_numpy(), atol=1e-9)
+
+
+def test_trained_decoder_beats_the_untrained_one_and_depends_on_its_tokens(fewshot_smoke_run, smoke_case,
+                                                                           hippocampus):
+    cache, volume, slices, embeddings = smoke_case
+    model = cache.backbone.model
+    trained = FewShotModel.load(fewshot_smoke_run / MODEL_FILE, model, "mobile_sam")
+
+    def predict(fewshot_model: FewShotModel) -> np.ndarray:
+        return stack_slices(list(fewshot_model.segment(model, embeddings, slices[0].shape)), 2)
+
+    prediction = predict(trained)
+    _, metrics = load_run(fewshot_smoke_run)
+    recorded = metrics[(metrics.level == "slice") & (metrics.case_id == volume.case_id)].dice.mean()
+    assert _case_dice(hippocampus, volume, prediction) == pytest.approx(recorded)  # the saved model is the run's
+    untrained = dataclasses.replace(trained, decoder=model.mask_decoder)
+    assert recorded > _case_dice(hippocampus, volume, predict(untrained)) + 0.2
+
+    swapped_tokens = {"anterior": trained.tokens["posterior"], "posterior": trained.tokens["anterior"]}
+    swapped = predict(dataclasses.replace(trained, tokens=swapped_tokens))
+    foreground = (prediction > 0) | (swapped > 0)
+    assert foreground.sum() > 100
+    assert (prediction == swapped)[foreground].mean() < 0.2  # swapping the tokens swaps (or destroys) the masks
+
+
+def test_a_saved_model_from_another_backbone_or_a_foreign_file_is_refused(fewshot_smoke_run, smoke_case, tmp_path):
+    model = smoke_case[0].backbone.model
+    with pytest.raises(FewsamError, match="trained on mobile_sam embeddings, cannot decode lite_medsam"):
+        FewShotModel.load(fewshot_smoke_run / MODEL_FILE, model, "lite_medsam")
+    foreign = tmp_path / "weights.pt"
+    torch.save({"something": torch.zeros(2)}, foreign)
+    with pytest.raises(FewsamError, match="not a fewsam few-shot model"):
+        FewShotModel.load(foreign, model, "mobile_sam")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((fewshot_smoke_run / MODEL_FILE).read_bytes()[:1000])
+    with pytest.raises(FewsamError, match="not a readable few-shot model"):
+        FewShotModel.load(truncated, model, "mobile_sam")
+
+
+def test_an_explicit_collection_names_its_slices_and_checks_them(hippocampus, train_table):
+    case_id = hippocampus.case_ids("train")[0]
+    rows = train_table[train_table.case_id == case_id]
+    both = rows[(rows.anterior > 0) & (rows.posterior > 0)].slice_index.tolist()
+    only_posterior = rows[(rows.anterior == 0) & (rows.posterior > 0)].slice_index.tolist()
+    collection = explicit_collection(hippocampus, [(case_id, both[0]), (case_id, only_posterior[0])], train_table)
+    assert collection.per_task["anterior"] == (SupportSlice(case_id, both[0]),)
+    assert len(collection.per_task["posterior"]) == 2 and collection.shots is None
+    with pytest.raises(FewsamError, match="task 'anterior' is on none"):
+        explicit_collection(hippocampus, [(case_id, only_posterior[0])], train_table)
+    with pytest.raises(FewsamError, match="has no slice 999"):
+        explicit_collection(hippocampus, [(case_id, 999)], train_table)
+    with pytest.raises(FewsamError, match="no case 'nobody'"):
+        explicit_collection(hippocampus, [("nobody", 3)], train_table)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import HIPPOCAMPUS_MANIFEST
+from conftest import HIPPOCAMPUS_MANIFEST, results_dir_of
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.metrics import overlap
 from fewsam_lib.prompting import (
@@ -132,15 +132,9 @@ def test_resolve_overlaps_highest_logit_wins():
     np.testing.assert_array_equal(resolve_overlaps(-np.ones((2, 1, 2)), [1, 2]), [[0, 0]])
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    from fewsam_lib.notebooks import run_notebook
-    from fewsam_lib.profiles import PlannedRun
-
-    results = tmp_path_factory.mktemp("results")
-    folder = run_notebook(PlannedRun("sam_prompting", str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "box", 0, "smoke"),
-                          results_dir=results)
-    return results, folder
+@pytest.fixture
+def smoke_run(prompting_smoke_run):
+    return results_dir_of(prompting_smoke_run), prompting_smoke_run
 
 
 def test_smoke_notebook_writes_a_complete_run(smoke_run, hippocampus):
@@ -208,19 +202,6 @@ def test_summarize_aggregates_and_skips_incomplete_runs(smoke_run):
     assert any("incomplete" in str(w.message) for w in caught)
     with pytest.raises(IncompleteRun, match="mobile_sam_point1_seed0_smoke"):
         summarize(results, strict=True)
-
-
-def test_reproduce_skips_complete_runs_and_writes_the_overview(smoke_run):
-    from fewsam_lib.reproduce import reproduce
-
-    results, folder = smoke_run
-    stamp = (folder / "run.json").stat().st_mtime_ns
-    assert reproduce("smoke", results, dry_run=True) == [(folder, "complete")]
-    assert reproduce("smoke", results) == [(folder, "complete")]
-    assert (folder / "run.json").stat().st_mtime_ns == stamp  # nothing recomputed
-    overview = results / "datasets" / "msd_hippocampus" / "00_dataset_overview.ipynb"
-    assert "slices_with_task" in overview.read_text()
-    assert (results / "figures" / "prompting_iou.png").exists()
 
 
 def test_a_failed_run_stays_marked_running(smoke_run, monkeypatch):

@@ -1,0 +1,61 @@
+"""nnU-Net export and label budgets on the real hippocampus training split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from fewsam_lib.errors import FewsamError
+from fewsam_lib.nnunet import export_raw_dataset, full_budget, labelled_slice_counts, matched_budget
+from fewsam_lib.volumes import slice_table
+
+
+@pytest.fixture(scope="module")
+def train_table(hippocampus):
+    return slice_table(hippocampus, hippocampus.case_ids("train"))
+
+
+def test_matched_budget_is_seeded_nested_and_never_uses_test_cases(hippocampus, train_table):
+    budget = matched_budget(hippocampus, 40, seed=0, table=train_table)
+    assert budget == matched_budget(hippocampus, 40, seed=0, table=train_table)
+    assert budget.case_ids != matched_budget(hippocampus, 40, seed=1, table=train_table).case_ids
+    assert set(budget.case_ids) <= set(hippocampus.case_ids("train"))
+    counts = labelled_slice_counts(hippocampus, list(budget.case_ids), train_table)
+    assert budget.labelled_slices == counts.sum() >= 40
+    # Volumes are added in one seeded order until the budget is met: smaller budgets take a prefix.
+    assert len(matched_budget(hippocampus, 1, seed=0, table=train_table).case_ids) == 1
+    smaller = matched_budget(hippocampus, budget.labelled_slices - int(counts.max()), seed=0, table=train_table)
+    assert set(smaller.case_ids) < set(budget.case_ids)
+    full = full_budget(hippocampus, train_table)
+    assert len(full.case_ids) == 208 and full.labelled_slices > 10 * budget.labelled_slices
+    with pytest.raises(FewsamError, match="fewer than the budget"):
+        matched_budget(hippocampus, full.labelled_slices + 1, seed=0, table=train_table)
+
+
+def test_export_gives_a_dataset_that_nnunet_accepts(hippocampus, train_table, tmp_path):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    budget = matched_budget(hippocampus, 30, seed=0, table=train_table)
+    folder = export_raw_dataset(hippocampus, budget, 501, raw_root=tmp_path)
+    assert folder.name == "Dataset501_MsdHippocampusSlices30"
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "anterior": 1, "posterior": 2}
+    assert dataset["channel_names"] == {"0": "MRI"} and dataset["numTraining"] == len(budget.case_ids)
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in budget.case_ids]
+    verify_dataset_integrity(str(folder), num_processes=1)  # nnunetv2's own check raises on any problem
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_export_refuses_test_cases_taken_ids_and_gapped_labels(hippocampus, train_table, tmp_path):
+    budget = matched_budget(hippocampus, 5, seed=0, table=train_table)
+    leaking = dataclasses.replace(budget, case_ids=(*budget.case_ids, hippocampus.case_ids("test")[0]))
+    with pytest.raises(FewsamError, match="not in the training split"):
+        export_raw_dataset(hippocampus, leaking, 502, raw_root=tmp_path)
+    (tmp_path / "Dataset502_Other").mkdir()
+    with pytest.raises(FewsamError, match="id 502 is taken"):
+        export_raw_dataset(hippocampus, budget, 502, raw_root=tmp_path)
+    gapped = dataclasses.replace(hippocampus, tasks={1: "anterior", 3: "posterior"})
+    with pytest.raises(FewsamError, match="consecutive label values"):
+        export_raw_dataset(gapped, budget, 503, raw_root=tmp_path)

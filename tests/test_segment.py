@@ -1,0 +1,98 @@
+"""``fewsam segment``: a few labelled slices of one real volume segment another, end to end."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fewsam_lib.cli import main
+from fewsam_lib.fewshot import MODEL_FILE
+from fewsam_lib.metrics import overlap
+from fewsam_lib.profiles import load_profile
+
+
+@pytest.fixture(scope="module")
+def partial_support(hippocampus, tmp_path_factory):
+    """A real training volume whose label keeps only 3 annotated axial slices (the rest erased)."""
+    case = hippocampus.case(hippocampus.case_ids("train")[0])
+    label = nib.load(case.label)
+    data = np.asarray(label.dataobj).astype(np.uint8)
+    both = [i for i in range(data.shape[2]) if {1, 2} <= set(np.unique(data[:, :, i]))]
+    keep = both[len(both) // 2 - 1: len(both) // 2 + 2]
+    partial = np.zeros_like(data)
+    partial[:, :, keep] = data[:, :, keep]
+    folder = tmp_path_factory.mktemp("support")
+    nib.save(nib.Nifti1Image(partial, label.affine, label.header), folder / "partial.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros_like(data), label.affine, label.header), folder / "empty.nii.gz")
+    return case.image, folder / "partial.nii.gz", folder / "empty.nii.gz", keep
+
+
+@pytest.fixture(scope="module")
+def query(hippocampus):
+    return hippocampus.case(load_profile("smoke").test_case_ids(hippocampus)[0])
+
+
+def _segment(*arguments: str) -> int:
+    return main(["segment", "--quiet", "--steps", "10", *map(str, arguments)])
+
+
+def test_segment_trains_on_the_labelled_slices_writes_the_query_and_reloads(partial_support, query, tmp_path,
+                                                                            capsys):
+    """The mechanics, with a 10-step schedule (the decoder's quality is tested on the runs)."""
+    image, partial, _, keep = partial_support
+    out, model = tmp_path / "prediction.nii.gz", tmp_path / "model.pt"
+    assert _segment("--support", image, "--support-labels", partial, "--query", query.image, "--out", out,
+                    "--labels", "1=anterior,2=posterior", "--save-model", model) == 0
+    printed = capsys.readouterr().out
+    assert f"trained on 3 labelled slices of {image}: {keep}" in printed and "anterior" in printed
+
+    written, reference = nib.load(out), nib.load(query.image)
+    assert written.shape == reference.shape and np.allclose(written.affine, reference.affine)
+    predicted = np.asarray(written.dataobj)
+    assert set(np.unique(predicted)) <= {0, 1, 2}
+
+    again = tmp_path / "again.nii.gz"
+    assert _segment("--model", model, "--query", query.image, "--out", again) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(again).dataobj), predicted)
+    assert not list(tmp_path.glob(".*partial*"))  # atomic writes left nothing behind
+
+
+def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(fewshot_smoke_run, query, tmp_path):
+    """The model file a benchmark run saves segments the same case identically through the CLI."""
+    out = tmp_path / "prediction.nii.gz"
+    assert _segment("--model", fewshot_smoke_run / MODEL_FILE, "--query", query.image, "--out", out) == 0
+    recorded = fewshot_smoke_run / "predictions" / f"{query.case_id}.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), np.asarray(nib.load(recorded).dataobj))
+    truth = np.asarray(nib.load(query.label).dataobj)
+    assert overlap(truth > 0, np.asarray(nib.load(out).dataobj) > 0)[1] > 0.3
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty_labels", "empty.nii.gz: no labelled slice"),
+    ("other_grid", "differs from image shape"),
+    ("unknown_backbone", "unknown backbone 'sam_vit_z'"),
+    ("unnamed_label", "label values [2] are not named in --labels"),
+    ("missing_query", "missing.nii.gz: file does not exist"),
+    ("model_and_support", "exclude each other"),
+    ("nothing_to_learn_from", "give --support and --support-labels"),
+])
+def test_segment_errors_are_one_clear_line(case, expected, partial_support, query, hippocampus, tmp_path, capsys):
+    image, partial, empty, _ = partial_support
+    other_label = hippocampus.case(hippocampus.case_ids("train")[1]).label
+    support = ["--support", image, "--support-labels", partial]
+    arguments = {
+        "empty_labels": ["--support", image, "--support-labels", empty],
+        "other_grid": ["--support", image, "--support-labels", other_label],
+        "unknown_backbone": [*support, "--backbone", "sam_vit_z"],
+        "unnamed_label": [*support, "--labels", "1=anterior"],
+        "missing_query": [*support],
+        "model_and_support": [*support, "--model", tmp_path / "model.pt"],
+        "nothing_to_learn_from": [],
+    }[case]
+    query_image = tmp_path / "missing.nii.gz" if case == "missing_query" else query.image
+    assert _segment(*arguments, "--query", query_image, "--out", tmp_path / "out.nii.gz") == 2
+    error = capsys.readouterr().err
+    assert expected in error and "Traceback" not in error and error.count("\n") == 1
+    assert not (tmp_path / "out.nii.gz").exists()
+

@@ -8,7 +8,12 @@ contain a task; both counts are reported.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +22,10 @@ import pandas as pd
 
 from . import paths
 from .errors import FewsamError
-from .manifest import Manifest
-from .volumes import slice_table
+from .manifest import Manifest, load_manifest
+from .profiles import Profile, load_profile
+from .runs import RunSpec, RunWriter, score_case
+from .volumes import load_case, slice_table
 
 FILE_ENDING = ".nii.gz"
 # nnU-Net picks its intensity normalisation from the channel name: "CT" means its CT scheme.
@@ -66,11 +73,15 @@ def matched_budget(manifest: Manifest, slices: int, seed: int, table: pd.DataFra
     return Budget(f"slices{slices}", tuple(sorted(chosen)), total, slices)
 
 
+def dataset_suffix(manifest: Manifest, budget: Budget) -> str:
+    """``msd_hippocampus`` + budget ``slices38`` -> ``MsdHippocampusSlices38``."""
+    return "".join(part.capitalize() for part in manifest.dataset.split("_")) + budget.name.capitalize()
+
+
 def dataset_folder_name(dataset_id: int, manifest: Manifest, budget: Budget) -> str:
     if not 1 <= dataset_id <= 999:
         raise FewsamError(f"nnU-Net dataset ids run from 1 to 999, got {dataset_id}")
-    name = "".join(part.capitalize() for part in manifest.dataset.split("_"))
-    return f"Dataset{dataset_id:03d}_{name}{budget.name.capitalize()}"
+    return f"Dataset{dataset_id:03d}_{dataset_suffix(manifest, budget)}"
 
 
 def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_root: Path | None = None) -> Path:
@@ -112,3 +123,153 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
+
+
+# --- plan, train, predict with nnunetv2's console scripts -----------------------------------------
+
+TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
+FIRST_DATASET_ID = 500  # nnU-Net's own examples use low ids; stay clear of a user's datasets
+PLANS = "nnUNetPlans"
+
+
+def nnunet_environment(roots: dict[str, Path]) -> dict[str, str]:
+    """The environment nnunetv2's scripts read their folders (and our trainers) from."""
+    env = dict(os.environ)
+    env.update({paths.NNUNET_VARIABLES[role]: str(folder) for role, folder in roots.items()})
+    env["nnUNet_extTrainer"] = str(TRAINER_DIR)
+    return env
+
+
+def run_nnunet_command(arguments: list[str], log: Path, env: dict[str, str]) -> float:
+    """Run one nnunetv2 console script, its output appended to ``log``; returns its wall time."""
+    executable = Path(sys.executable).with_name(arguments[0])
+    command = [str(executable) if executable.exists() else arguments[0], *arguments[1:]]
+    started = time.perf_counter()
+    with log.open("a") as stream:
+        stream.write(f"$ {' '.join(command)}\n")
+        stream.flush()
+        try:
+            result = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
+        except OSError as error:
+            raise FewsamError(f"cannot run {arguments[0]}: {error} (is nnunetv2 installed?)") from None
+    if result.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        killed = " (killed: out of memory?)" if result.returncode in (-9, 137) else ""
+        raise FewsamError(f"{arguments[0]} failed with exit code {result.returncode}{killed}; end of {log}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def dataset_id_for(folder_suffix: str, raw_root: Path) -> int:
+    """The id of an exported dataset with this name, or the first free id from FIRST_DATASET_ID."""
+    taken = {}
+    for folder in raw_root.glob("Dataset[0-9][0-9][0-9]_*") if raw_root.exists() else []:
+        taken[int(folder.name[7:10])] = folder.name[11:]
+    for dataset_id, suffix in taken.items():
+        if suffix == folder_suffix:
+            return dataset_id
+    return next(i for i in range(FIRST_DATASET_ID, 1000) if i not in taken)
+
+
+def budget_for(manifest: Manifest, budget: str, seed: int, profile: Profile) -> Budget:
+    """``full`` (every training volume) or ``matched`` (the profile's largest few-shot collection)."""
+    if budget == "full":
+        return full_budget(manifest)
+    if budget == "matched":
+        from .fewshot import draw_collection
+
+        shots = max(profile.fewshot_shots or [0])
+        if not shots:
+            raise FewsamError(f"profile {profile.name} has no few-shot runs to match a label budget to")
+        return matched_budget(manifest, len(draw_collection(manifest, shots, seed).slices), seed)
+    raise FewsamError(f"unknown nnU-Net label budget '{budget}' (full or matched)")
+
+
+def trained_model_folder(roots: dict[str, Path], dataset: str, configuration: str, trainer: str) -> Path:
+    return roots["results"] / dataset / f"{trainer}__{PLANS}__{configuration}"
+
+
+def run_nnunet(
+    manifest: str | Path,
+    configuration: str = "2d",
+    trainer: str = "nnUNetTrainer_5epochs",
+    budget: str = "full",
+    fold: str = "all",
+    seed: int = 0,
+    profile: str = "smoke",
+    results_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Export, plan and preprocess, train and predict with nnunetv2; score like every other method.
+
+    Reruns reuse what nnU-Net already finished (a preprocessed dataset, a final checkpoint) and
+    continue an interrupted training from nnU-Net's latest checkpoint.
+    """
+    loaded = load_manifest(manifest)
+    chosen_profile = load_profile(profile)
+    chosen = budget_for(loaded, budget, seed, chosen_profile)
+    roots = paths.nnunet_roots()
+    env = nnunet_environment(roots)
+    dataset_id = dataset_id_for(dataset_suffix(loaded, chosen), roots["raw"])
+    dataset = dataset_folder_name(dataset_id, loaded, chosen)
+    spec = RunSpec(loaded.dataset, "nnunet", f"{configuration}-{trainer}", "none", seed, chosen_profile.name,
+                   chosen.labelled_slices)
+    case_ids = chosen_profile.test_case_ids(loaded)
+    writer = RunWriter(
+        spec, results_dir,
+        parameters={"manifest": paths.display(loaded.path), "configuration": configuration, "trainer": trainer,
+                    "budget": budget, "fold": fold, "seed": seed, "profile": chosen_profile.name, "device": device,
+                    "test_cases": case_ids},
+        provenance={"data": loaded.summary(),
+                    "label_budget": {"name": chosen.name, "volumes": len(chosen.case_ids),
+                                     "labelled_slices": chosen.labelled_slices,
+                                     "requested_slices": chosen.requested_slices, "case_ids": list(chosen.case_ids)},
+                    "nnunet_dataset": dataset},
+    )
+    log = writer.folder / "nnunet_commands.log"
+    log.write_text("")
+    timings: dict[str, float] = {}
+    if not (roots["preprocessed"] / dataset / f"{PLANS}.json").exists():
+        export_raw_dataset(loaded, chosen, dataset_id, roots["raw"])
+        timings["plan_and_preprocess"] = run_nnunet_command(
+            ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration,
+             "--verify_dataset_integrity", "-np", "2"], log, env)
+    model_folder = trained_model_folder(roots, dataset, configuration, trainer)
+    fold_folder = model_folder / f"fold_{fold}"
+    if not (fold_folder / "checkpoint_final.pth").exists():
+        resume = ["--c"] if (fold_folder / "checkpoint_latest.pth").exists() else []
+        timings["train"] = run_nnunet_command(
+            ["nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", device, *resume],
+            log, env)
+    inputs = roots["raw"].parent / "inference" / spec.run_id
+    shutil.rmtree(inputs, ignore_errors=True)
+    (inputs / "imagesTs").mkdir(parents=True)
+    for case_id in case_ids:
+        shutil.copyfile(loaded.case(case_id).image, inputs / "imagesTs" / f"{case_id}_0000{FILE_ENDING}")
+    timings["predict"] = run_nnunet_command(
+        ["nnUNetv2_predict", "-i", str(inputs / "imagesTs"), "-o", str(inputs / "predicted"), "-d", str(dataset_id),
+         "-c", configuration, "-tr", trainer, "-f", fold, "-device", device, "-npp", "1", "-nps", "1"], log, env)
+    rows: list[dict] = []
+    for case_id in case_ids:
+        volume = load_case(loaded, case_id)
+        output = inputs / "predicted" / f"{case_id}{FILE_ENDING}"
+        if not output.exists():
+            raise FewsamError(f"nnU-Net wrote no prediction for {case_id} ({output}); see {log}")
+        prediction = volume.read_on_canonical_grid(output)
+        volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}{FILE_ENDING}")
+        rows += score_case(loaded, spec, volume, prediction, slices=list(range(prediction.shape[loaded.slice_axis])),
+                           slice_selection="all_slices")
+    training = copy_training_record(fold_folder, writer.folder)
+    return writer.finish(rows, timings=timings, extra={"nnunet_training": training})
+
+
+def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
+    """nnU-Net's training log and curve into the run folder; the schedule it actually ran."""
+    logs = sorted(fold_folder.glob("training_log_*.txt"))
+    if logs:
+        shutil.copyfile(logs[-1], run_folder / "nnunet_training_log.txt")
+    if (fold_folder / "progress.png").exists():
+        shutil.copyfile(fold_folder / "progress.png", run_folder / "nnunet_progress.png")
+    debug = fold_folder / "debug.json"
+    settings = json.loads(debug.read_text()) if debug.exists() else {}
+    return {key: settings.get(key) for key in ("num_epochs", "num_iterations_per_epoch",
+                                                "num_val_iterations_per_epoch", "batch_size", "patch_size")}

@@ -35,6 +35,11 @@ class Profile:
         """Overrides of the few-shot training schedule (``fewshot.training``), e.g. fewer steps for smoke."""
         return dict((self.raw.get("fewshot") or {}).get("training") or {})
 
+    @property
+    def fewshot_shots(self) -> list[int]:
+        """Shot counts of the few-shot matrix (the largest sets nnU-Net's matched label budget)."""
+        return list((self.raw.get("fewshot") or {}).get("shots") or [])
+
     def runs(self) -> list[PlannedRun]:
         """Every run of the profile's matrix, method by method, in a stable order."""
         planned = []

@@ -121,3 +121,25 @@ def fewshot_smoke_run(tmp_path_factory) -> Path:
 def results_dir_of(run_folder: Path) -> Path:
     """results/runs/<dataset>/<method>/<run_id> -> results."""
     return run_folder.parents[3]
+
+
+def assert_predictions_reproduce_the_metrics(run_folder: Path, manifest) -> None:
+    """Reload a run's saved predictions and recompute its metric rows with the shared metric code."""
+    import numpy as np
+    import pandas as pd
+
+    from fewsam_lib.runs import RunSpec, load_run, score_case
+    from fewsam_lib.volumes import load_case
+
+    meta, metrics = load_run(run_folder)
+    spec = RunSpec(meta["dataset"], meta["method"], meta["variant"], meta["backbone"], meta["seed"], meta["profile"],
+                   meta.get("shots"))
+    for case_id, recorded in metrics.groupby("case_id"):
+        volume = load_case(manifest, case_id)
+        prediction = volume.read_on_canonical_grid(run_folder / "predictions" / f"{case_id}.nii.gz")
+        slices = sorted(recorded.slice_index.dropna().astype(int).unique())
+        recomputed = pd.DataFrame(score_case(manifest, spec, volume, prediction, slices,
+                                             recorded.slice_selection.iloc[0]))
+        for metric in ("iou", "dice", "assd_mm", "hd95_mm"):
+            np.testing.assert_allclose(recomputed[metric].to_numpy(dtype=float),
+                                       recorded[metric].to_numpy(dtype=float), atol=1e-9, equal_nan=True)

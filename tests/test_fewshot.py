@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import HIPPOCAMPUS_MANIFEST, results_dir_of
+from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics, results_dir_of
 from fewsam_lib.cache import EmbeddingCache
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.fewshot import (
@@ -198,16 +198,8 @@ def test_fewshot_smoke_notebook_writes_a_complete_run(fewshot_smoke_run, hippoca
     assert (metrics.shots == 5).all() and (metrics.method == "fewshot").all()
 
 
-def test_fewshot_predictions_reproduce_the_recorded_dice(fewshot_smoke_run, hippocampus):
-    meta, metrics = load_run(fewshot_smoke_run)
-    spec = RunSpec(meta["dataset"], meta["method"], meta["variant"], meta["backbone"], meta["seed"], meta["profile"],
-                   meta["shots"])
-    for case_id, recorded in metrics.groupby("case_id"):
-        volume = load_case(hippocampus, case_id)
-        prediction = volume.read_on_canonical_grid(fewshot_smoke_run / "predictions" / f"{case_id}.nii.gz")
-        recomputed = pd.DataFrame(score_case(hippocampus, spec, volume, prediction,
-                                             list(range(prediction.shape[2])), "all_slices"))
-        np.testing.assert_allclose(recomputed.dice.to_numpy(), recorded.dice.to_numpy(), atol=1e-9)
+def test_fewshot_predictions_reproduce_the_recorded_metrics(fewshot_smoke_run, hippocampus):
+    assert_predictions_reproduce_the_metrics(fewshot_smoke_run, hippocampus)
 
 
 def test_trained_decoder_beats_the_untrained_one_and_depends_on_its_tokens(fewshot_smoke_run, smoke_case,

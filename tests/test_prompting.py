@@ -6,12 +6,11 @@ import json
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy import ndimage
 
-from conftest import HIPPOCAMPUS_MANIFEST, results_dir_of
+from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics, results_dir_of
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.metrics import overlap
 from fewsam_lib.prompting import (
@@ -24,7 +23,7 @@ from fewsam_lib.prompting import (
     prompt_rng,
     resolve_overlaps,
 )
-from fewsam_lib.runs import IncompleteRun, RunSpec, collect_metrics, load_run, score_case, summarize
+from fewsam_lib.runs import IncompleteRun, RunSpec, collect_metrics, load_run, summarize
 from fewsam_lib.volumes import load_case, take_slice
 
 
@@ -151,17 +150,8 @@ def test_smoke_notebook_writes_a_complete_run(smoke_run, hippocampus):
     assert (metrics.slice_selection == "gt_slices").all() and (metrics.profile == "smoke").all()
 
 
-def test_predictions_reload_and_reproduce_the_recorded_dice(smoke_run, hippocampus):
-    _, folder = smoke_run
-    meta, metrics = load_run(folder)
-    spec = RunSpec(meta["dataset"], meta["method"], meta["variant"], meta["backbone"], meta["seed"], meta["profile"])
-    for case_id, recorded in metrics.groupby("case_id"):
-        volume = load_case(hippocampus, case_id)
-        prediction = volume.read_on_canonical_grid(folder / "predictions" / f"{case_id}.nii.gz")
-        slices = sorted(recorded.slice_index.dropna().astype(int).unique())
-        recomputed = pd.DataFrame(score_case(hippocampus, spec, volume, prediction, slices, "gt_slices"))
-        np.testing.assert_allclose(recomputed.dice.to_numpy(), recorded.dice.to_numpy(), atol=1e-9)
-        np.testing.assert_allclose(recomputed.iou.to_numpy(), recorded.iou.to_numpy(), atol=1e-9)
+def test_predictions_reload_and_reproduce_the_recorded_metrics(prompting_smoke_run, hippocampus):
+    assert_predictions_reproduce_the_metrics(prompting_smoke_run, hippocampus)
 
 
 def test_box_prompt_beats_a_random_mask_control(smoke_run, hippocampus):

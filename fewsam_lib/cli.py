@@ -107,31 +107,42 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    method = {"prompting": "sam_prompting", "fewshot": "fewshot"}[args.method]
+    method = {"prompting": "sam_prompting", "fewshot": "fewshot", "nnunet": "nnunet"}[args.method]
     if method == "fewshot" and args.shots is None:
         raise FewsamError("fewshot runs need --shots (labelled slices per task)")
-    if method == "sam_prompting" and args.shots is not None:
-        raise FewsamError("--shots is for fewshot runs; prompting uses no labelled slices")
-    variant = args.variant or {"sam_prompting": "box", "fewshot": "centred"}[method]
+    if method != "fewshot" and args.shots is not None:
+        raise FewsamError("--shots is for fewshot runs (nnunet: --budget full or matched)")
+    if method == "nnunet":
+        variant, backbone = f"{args.configuration}-{args.trainer}", "none"
+    else:
+        if args.backbone is None:
+            raise FewsamError(f"{args.method} runs need --backbone")
+        variant, backbone = args.variant or {"sam_prompting": "box", "fewshot": "centred"}[method], args.backbone
     if args.no_notebook:
-        if method == "fewshot":
+        if method == "nnunet":
+            from .nnunet import run_nnunet
+
+            folder = run_nnunet(args.manifest, args.configuration, args.trainer, args.budget, seed=args.seed,
+                                profile=args.profile, results_dir=args.results, device=args.device)
+        elif method == "fewshot":
             from .fewshot import run_fewshot
 
-            folder = run_fewshot(args.manifest, args.backbone, args.shots, args.seed, args.profile, variant,
+            folder = run_fewshot(args.manifest, backbone, args.shots, args.seed, args.profile, variant,
                                  results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
                                  progress=not args.quiet)
         else:
             from .prompting import run_prompting
 
-            folder = run_prompting(args.manifest, args.backbone, variant, args.seed, args.profile,
+            folder = run_prompting(args.manifest, backbone, variant, args.seed, args.profile,
                                    results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
                                    progress=not args.quiet)
     else:
         from .notebooks import run_notebook
         from .profiles import PlannedRun
 
-        folder = run_notebook(PlannedRun(method, args.manifest, args.backbone, variant, args.seed, args.profile,
-                                         args.shots), results_dir=args.results)
+        folder = run_notebook(PlannedRun(method, args.manifest, backbone, variant, args.seed, args.profile,
+                                         args.shots, args.budget if method == "nnunet" else None),
+                              results_dir=args.results)
     print(f"run complete: {folder}")
     return 0
 
@@ -224,13 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     weights.set_defaults(handler=_weights)
 
     run = sub.add_parser("run", help="one benchmark run (executes its notebook into the run folder)")
-    run.add_argument("method", choices=["prompting", "fewshot"])
+    run.add_argument("method", choices=["prompting", "fewshot", "nnunet"])
     run.add_argument("manifest")
-    run.add_argument("--backbone", required=True)
+    run.add_argument("--backbone", default=None, help="prompting and fewshot: mobile_sam, lite_medsam, sam_vit_b ...")
     run.add_argument("--variant", default=None,
                      help="prompting: point1, point3, box (default), box_point ...; fewshot: the token design, "
                           "centred (default), raw, centred_bg")
     run.add_argument("--shots", type=int, default=None, help="fewshot: labelled slices per task")
+    run.add_argument("--configuration", default="2d", help="nnunet: 2d or 3d_fullres")
+    run.add_argument("--trainer", default="nnUNetTrainer_5epochs", help="nnunet: an nnU-Net trainer class name")
+    run.add_argument("--budget", default="full", choices=["full", "matched"],
+                     help="nnunet: every training volume, or the few-shot collection's labelled slices")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--profile", default="smoke", help="smoke, cpu or full")
     run.add_argument("--results", default=None, help="results folder (default: results/)")

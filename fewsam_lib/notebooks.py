@@ -8,7 +8,7 @@ from typing import Any
 from . import paths
 from .errors import FewsamError
 from .manifest import load_manifest
-from .profiles import PlannedRun
+from .profiles import PlannedRun, load_profile
 from .runs import RunSpec, default_results_dir
 
 NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
@@ -31,13 +31,19 @@ def execute(notebook: str, output: Path, parameters: dict[str, Any]) -> Path:
     return output
 
 
-NOTEBOOK_OF_METHOD = {"sam_prompting": "10_sam_prompting.ipynb", "fewshot": "20_fewshot.ipynb"}
+NOTEBOOK_OF_METHOD = {"sam_prompting": "10_sam_prompting.ipynb", "fewshot": "20_fewshot.ipynb",
+                      "nnunet": "30_nnunet.ipynb"}
 
 
 def planned_folder(run: PlannedRun, results_dir: str | Path | None = None) -> Path:
     """Where ``run`` writes its run folder."""
-    dataset = load_manifest(paths.REPO_ROOT / run.manifest).dataset
-    spec = RunSpec(dataset, run.method, run.variant, run.backbone, run.seed, run.profile, run.shots)
+    manifest = load_manifest(paths.REPO_ROOT / run.manifest)
+    shots = run.shots
+    if run.method == "nnunet":  # the folder names the labelled slices the budget holds
+        from .nnunet import budget_for
+
+        shots = budget_for(manifest, run.budget, run.seed, load_profile(run.profile)).labelled_slices
+    spec = RunSpec(manifest.dataset, run.method, run.variant, run.backbone, run.seed, run.profile, shots)
     return spec.folder(Path(results_dir) if results_dir else default_results_dir())
 
 
@@ -45,8 +51,13 @@ def run_notebook(run: PlannedRun, results_dir: str | Path | None = None) -> Path
     """Execute the method's notebook for one run; returns the run folder (``notebook.ipynb`` inside)."""
     results_dir = Path(results_dir) if results_dir else default_results_dir()
     folder = planned_folder(run, results_dir)
-    parameters = {"manifest": run.manifest, "backbone": run.backbone, "variant": run.variant, "seed": run.seed,
-                  "profile": run.profile, "results_dir": str(results_dir), "progress": False}
+    parameters = {"manifest": run.manifest, "seed": run.seed, "profile": run.profile,
+                  "results_dir": str(results_dir)}
+    if run.method == "nnunet":
+        configuration, trainer = run.variant.split("-", 1)
+        parameters.update(configuration=configuration, trainer=trainer, budget=run.budget)
+    else:
+        parameters.update(backbone=run.backbone, variant=run.variant, progress=False)
     if run.shots is not None:
         parameters["shots"] = run.shots
     execute(NOTEBOOK_OF_METHOD[run.method], folder / "notebook.ipynb", parameters)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -118,6 +119,34 @@ def training_curve(run_folder: str | Path) -> plt.Figure:
     ax.plot(curve.step, curve.loss.rolling(10, min_periods=1).mean(), color="C0", label="running mean (10)")
     ax.set(xlabel="step", ylabel="BCE + soft Dice loss", title="decoder training")
     ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def nnunet_training_curve(run_folder: str | Path) -> plt.Figure:
+    """Train/validation loss and pseudo Dice per epoch, read from nnU-Net's own training log."""
+    rows, epoch = [], None
+    for line in (Path(run_folder) / "nnunet_training_log.txt").read_text().splitlines():
+        _, _, message = line.partition(": ")
+        words = message.split()
+        if len(words) == 2 and words[0] == "Epoch" and words[1].isdigit():
+            epoch = int(words[1])
+            rows.append({"epoch": epoch})
+        elif epoch is not None and len(words) == 2 and words[0] in ("train_loss", "val_loss"):
+            rows[-1][words[0]] = float(words[1])
+        elif epoch is not None and message.startswith("Pseudo dice"):
+            values = [float(v) for v in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", message)]
+            rows[-1]["pseudo_dice"] = float(np.mean(values)) if values else np.nan
+    curve = pd.DataFrame(rows)
+    figure, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(9, 3))
+    for column in ("train_loss", "val_loss"):
+        if column in curve:
+            loss_ax.plot(curve.epoch, curve[column], marker="o", label=column)
+    loss_ax.set(xlabel="epoch", ylabel="loss (nnU-Net: Dice + CE)", title="nnU-Net training")
+    loss_ax.legend(fontsize=8)
+    if "pseudo_dice" in curve:
+        dice_ax.plot(curve.epoch, curve.pseudo_dice, marker="o", color="C2")
+    dice_ax.set(xlabel="epoch", ylabel="mean pseudo Dice (validation patches)", ylim=(0, 1))
     figure.tight_layout()
     return figure
 

@@ -46,17 +46,29 @@ class Profile:
         for method, section in METHOD_SECTIONS.items():
             matrix = self.raw.get(section) or {}
             for manifest in self.datasets:
-                for backbone in matrix.get("backbones", []):
-                    for variant in matrix.get("variants", []):
-                        for shots in matrix.get("shots", [None]):
-                            for seed in matrix.get("seeds", [0]):
-                                planned.append(PlannedRun(method, manifest, backbone, variant, seed, self.name, shots))
+                if method == "nnunet":
+                    planned += [PlannedRun(method, manifest, "none", f"{configuration}-{trainer}", seed, self.name,
+                                           budget=budget)
+                                for configuration in matrix.get("configurations", [])
+                                for trainer in matrix.get("trainers", [])
+                                for budget in matrix.get("budgets", [])
+                                for seed in matrix.get("seeds", [0])]
+                    continue
+                planned += [PlannedRun(method, manifest, backbone, variant, seed, self.name, shots)
+                            for backbone in matrix.get("backbones", [])
+                            for variant in matrix.get("variants", [])
+                            for shots in matrix.get("shots", [None])
+                            for seed in matrix.get("seeds", [0])]
         return planned
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One cell of a profile's matrix; ``manifest`` is relative to the repository."""
+    """One cell of a profile's matrix; ``manifest`` is relative to the repository.
+
+    nnU-Net runs have no backbone (``none``), ``variant = <configuration>-<trainer>`` and a label
+    ``budget`` (``full`` or ``matched``); their ``shots`` are known once the budget is drawn.
+    """
 
     method: str
     manifest: str
@@ -65,10 +77,11 @@ class PlannedRun:
     seed: int
     profile: str
     shots: int | None = None
+    budget: str | None = None
 
 
 # method name in run folders -> section of the profile YAML that lists its matrix
-METHOD_SECTIONS = {"sam_prompting": "prompting", "fewshot": "fewshot"}
+METHOD_SECTIONS = {"sam_prompting": "prompting", "fewshot": "fewshot", "nnunet": "nnunet"}
 
 
 def available_profiles() -> list[str]:

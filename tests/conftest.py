@@ -96,13 +96,14 @@ def isolated_cache(tmp_path_factory):
         os.environ["FEWSAM_CACHE"] = previous
 
 
-def _smoke_run(tmp_path_factory, method: str, variant: str, shots: int | None = None) -> Path:
+def _smoke_run(tmp_path_factory, method: str, variant: str, shots: int | None = None, backbone: str = "mobile_sam",
+               budget: str | None = None) -> Path:
     """One run of the smoke profile executed through its notebook, in a results folder of its own."""
     from fewsam_lib.notebooks import run_notebook
     from fewsam_lib.profiles import PlannedRun
 
     results = tmp_path_factory.mktemp(f"{method}-results")
-    return run_notebook(PlannedRun(method, str(HIPPOCAMPUS_MANIFEST), "mobile_sam", variant, 0, "smoke", shots),
+    return run_notebook(PlannedRun(method, str(HIPPOCAMPUS_MANIFEST), backbone, variant, 0, "smoke", shots, budget),
                         results_dir=results)
 
 
@@ -116,6 +117,29 @@ def prompting_smoke_run(tmp_path_factory) -> Path:
 def fewshot_smoke_run(tmp_path_factory) -> Path:
     """Run folder of 20_fewshot (mobile_sam, 5 shots, the smoke profile's short schedule)."""
     return _smoke_run(tmp_path_factory, "fewshot", "centred", shots=5)
+
+
+@pytest.fixture(scope="session")
+def nnunet_roots(tmp_path_factory):
+    """nnU-Net's raw/preprocessed/results folders for this session (nnunetv2 reads them from the env)."""
+    from fewsam_lib.paths import NNUNET_VARIABLES
+
+    root = tmp_path_factory.mktemp("nnunet")
+    saved = {variable: os.environ.get(variable) for variable in NNUNET_VARIABLES.values()}
+    for role, variable in NNUNET_VARIABLES.items():
+        os.environ[variable] = str(root / role)
+    yield root
+    for variable, value in saved.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
+
+
+@pytest.fixture(scope="session")
+def nnunet_smoke_run(nnunet_roots, tmp_path_factory) -> Path:
+    """Run folder of 30_nnunet: plan -> train (1 epoch of 10 iterations) -> predict, matched budget."""
+    return _smoke_run(tmp_path_factory, "nnunet", "2d-nnUNetTrainer_fewsamSmoke", backbone="none", budget="matched")
 
 
 def results_dir_of(run_folder: Path) -> Path:

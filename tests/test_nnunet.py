@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import pytest
 
 from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.nnunet import export_raw_dataset, full_budget, labelled_slice_counts, matched_budget, run_nnunet
-from fewsam_lib.paths import NNUNET_VARIABLES
 from fewsam_lib.runs import IncompleteRun, load_run
 from fewsam_lib.volumes import slice_table
 
@@ -65,28 +63,6 @@ def test_export_refuses_test_cases_taken_ids_and_gapped_labels(hippocampus, trai
         export_raw_dataset(gapped, budget, 503, raw_root=tmp_path)
 
 
-@pytest.fixture(scope="module")
-def nnunet_roots(tmp_path_factory):
-    """nnU-Net's raw/preprocessed/results folders for this module only (nnunetv2 reads them from the env)."""
-    root = tmp_path_factory.mktemp("nnunet")
-    saved = {variable: os.environ.get(variable) for variable in NNUNET_VARIABLES.values()}
-    for role, variable in NNUNET_VARIABLES.items():
-        os.environ[variable] = str(root / role)
-    yield root
-    for variable, value in saved.items():
-        if value is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = value
-
-
-@pytest.fixture(scope="module")
-def nnunet_smoke_run(nnunet_roots, tmp_path_factory):
-    """plan -> train (1 epoch of 10 iterations) -> predict on the smoke test case, matched budget."""
-    return run_nnunet(str(HIPPOCAMPUS_MANIFEST), configuration="2d", trainer="nnUNetTrainer_fewsamSmoke",
-                      budget="matched", profile="smoke", results_dir=tmp_path_factory.mktemp("results"))
-
-
 def test_nnunet_smoke_run_is_a_complete_run_scored_by_our_metrics(nnunet_smoke_run, hippocampus):
     meta, metrics = load_run(nnunet_smoke_run)
     budget = meta["label_budget"]
@@ -96,6 +72,8 @@ def test_nnunet_smoke_run_is_a_complete_run_scored_by_our_metrics(nnunet_smoke_r
     assert meta["nnunet_training"]["num_epochs"] in (1, "1")
     assert set(meta["timings_s"]) >= {"plan_and_preprocess", "train", "predict"}
     assert "Epoch 0" in (nnunet_smoke_run / "nnunet_training_log.txt").read_text()
+    notebook = json.loads((nnunet_smoke_run / "notebook.ipynb").read_text())
+    assert any("parameters" in cell["metadata"].get("tags", []) for cell in notebook["cells"])
     assert_predictions_reproduce_the_metrics(nnunet_smoke_run, hippocampus)
 
 

@@ -12,14 +12,14 @@ from fewsam_lib.reproduce import reproduce
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
-        prompting_smoke_run, fewshot_smoke_run, tmp_path):
+        prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, tmp_path):
     results = tmp_path / "results"
     folders = []
-    for run_folder in (prompting_smoke_run, fewshot_smoke_run):
+    for run_folder in (prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run):
         target = results / run_folder.relative_to(results_dir_of(run_folder))
         shutil.copytree(run_folder, target)
         folders.append(target)
-    assert {run.method for run in load_profile("smoke").runs()} == {"sam_prompting", "fewshot"}
+    assert [run.method for run in load_profile("smoke").runs()] == ["sam_prompting", "fewshot", "nnunet"]
     stamps = [(folder / "run.json").stat().st_mtime_ns for folder in folders]
 
     assert reproduce("smoke", results, dry_run=True) == [(folder, "complete") for folder in folders]
@@ -28,12 +28,12 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert [(folder / "run.json").stat().st_mtime_ns for folder in folders] == stamps  # nothing recomputed
     overview = results / "datasets" / "msd_hippocampus" / "00_dataset_overview.ipynb"
     assert "slices_with_task" in overview.read_text()
-    assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {"sam_prompting", "fewshot"}
+    assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {"sam_prompting", "fewshot", "nnunet"}
     assert (results / "figures" / "prompting_iou.png").exists()
     assert (results / "figures" / "fewshot_iou_vs_shots.png").exists()
 
 
 def test_reproduce_dry_run_lists_a_missing_run_as_planned(tmp_path):
     outcome = reproduce("smoke", tmp_path, dry_run=True)
-    assert [state for _, state in outcome] == ["planned", "planned"]
+    assert [state for _, state in outcome] == ["planned"] * 3
     assert not (tmp_path / "runs").exists()

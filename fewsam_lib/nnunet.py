@@ -36,7 +36,7 @@ CHANNEL_NAMES = {"CT": "CT"}
 class Budget:
     """The training volumes nnU-Net gets, and how many labelled slices they hold."""
 
-    name: str  # "full" or "slices<N>"
+    name: str  # "full" or "slices<N>seed<S>"
     case_ids: tuple[str, ...]
     labelled_slices: int
     requested_slices: int | None
@@ -70,11 +70,11 @@ def matched_budget(manifest: Manifest, slices: int, seed: int, table: pd.DataFra
     if total < slices:
         raise FewsamError(f"{manifest.path}: the training split holds {total} labelled slices, fewer than the "
                           f"budget of {slices}")
-    return Budget(f"slices{slices}", tuple(sorted(chosen)), total, slices)
+    return Budget(f"slices{slices}seed{seed}", tuple(sorted(chosen)), total, slices)
 
 
 def dataset_suffix(manifest: Manifest, budget: Budget) -> str:
-    """``msd_hippocampus`` + budget ``slices38`` -> ``MsdHippocampusSlices38``."""
+    """``msd_hippocampus`` + budget ``slices38seed0`` -> ``MsdHippocampusSlices38seed0``."""
     return "".join(part.capitalize() for part in manifest.dataset.split("_")) + budget.name.capitalize()
 
 
@@ -119,7 +119,7 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
         num_training_cases=len(budget.case_ids), file_ending=FILE_ENDING, dataset_name=target.name,
         description=f"fewsam export of {paths.display(manifest.path)} (sha256 {manifest.sha256[:12]}), "
                     f"budget {budget.name}: {len(budget.case_ids)} volumes, {budget.labelled_slices} labelled slices",
-        license="see the source dataset", converted_by="fewsam")
+        license="see the source dataset", converted_by="fewsam", fewsam_case_ids=list(budget.case_ids))
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
@@ -225,11 +225,19 @@ def run_nnunet(
                                      "requested_slices": chosen.requested_slices, "case_ids": list(chosen.case_ids)},
                     "nnunet_dataset": dataset},
     )
+    plans = roots["preprocessed"] / dataset / f"{PLANS}.json"
+    exported = roots["raw"] / dataset / "dataset.json"
+    if plans.exists() and (not exported.exists()
+                           or json.loads(exported.read_text()).get("fewsam_case_ids") != list(chosen.case_ids)):
+        raise FewsamError(f"{roots['raw'] / dataset} was preprocessed from other volumes than budget {chosen.name} "
+                          f"selects now (was the split changed?); remove it and its nnUNet_preprocessed and "
+                          f"nnUNet_results folders")
     log = writer.folder / "nnunet_commands.log"
     log.write_text("")
     timings: dict[str, float] = {}
-    if not (roots["preprocessed"] / dataset / f"{PLANS}.json").exists():
-        export_raw_dataset(loaded, chosen, dataset_id, roots["raw"])
+    if not (roots["preprocessed"] / dataset / f"{PLANS}_{configuration}").is_dir():
+        if not plans.exists():
+            export_raw_dataset(loaded, chosen, dataset_id, roots["raw"])
         timings["plan_and_preprocess"] = run_nnunet_command(
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration,
              "--verify_dataset_integrity", "-np", "2"], log, env)

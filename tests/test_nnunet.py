@@ -41,10 +41,11 @@ def test_export_gives_a_dataset_that_nnunet_accepts(hippocampus, train_table, tm
 
     budget = matched_budget(hippocampus, 30, seed=0, table=train_table)
     folder = export_raw_dataset(hippocampus, budget, 501, raw_root=tmp_path)
-    assert folder.name == "Dataset501_MsdHippocampusSlices30"
+    assert folder.name == "Dataset501_MsdHippocampusSlices30seed0"
     dataset = json.loads((folder / "dataset.json").read_text())
     assert dataset["labels"] == {"background": 0, "anterior": 1, "posterior": 2}
     assert dataset["channel_names"] == {"0": "MRI"} and dataset["numTraining"] == len(budget.case_ids)
+    assert dataset["fewsam_case_ids"] == list(budget.case_ids)
     assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in budget.case_ids]
     verify_dataset_integrity(str(folder), num_processes=1)  # nnunetv2's own check raises on any problem
     assert not list(tmp_path.glob(".*partial"))

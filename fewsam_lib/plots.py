@@ -280,11 +280,13 @@ def fewshot_figure(summary: pd.DataFrame) -> plt.Figure | None:
         ax.minorticks_off()
         ax.set(title=f"{fewshot.dataset.iloc[0]} · {task}", xlabel="labelled slices per task (shots)",
                ylabel="IoU (slices with the task)", ylim=(0, 1))
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    figure.suptitle(f"Few-shot decoder vs SAM prompts (profile {profile}, seeds per point: {int(fewshot.seeds.max())}; "
-                    "mean and 95% bootstrap CI)",
-                    fontsize=9)
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=7)
+    seeds = sorted(fewshot.seeds.unique())
+    seeds_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    figure.suptitle(f"Few-shot decoder vs SAM prompts (profile {profile}, seeds per point: {seeds_text}; "
+                    "mean and 95% bootstrap CI over slices and seeds)", fontsize=9)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
     return figure
 
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -205,11 +206,10 @@ def summarize(results_dir: str | Path | None = None, strict: bool = False, seed:
 
     One row per dataset/task/method/variant/backbone/shots/profile/level/slice_selection and
     metric: mean, std, n (cases x seeds for volume rows, slices x seeds for slice rows) and a
-    seeded 95% bootstrap interval of the mean. Undefined values (NaN distances) are left out of n.
+    95% bootstrap interval of the mean, seeded per row. Undefined values (NaN distances) are left out of n.
     """
     results_dir = Path(results_dir or default_results_dir())
     metrics = collect_metrics(results_dir, strict=strict)
-    rng = np.random.default_rng(seed)
     rows = []
     if len(metrics):
         # Methods without shots (prompting) keep an empty key instead of NaN, which groupby would drop.
@@ -217,7 +217,9 @@ def summarize(results_dir: str | Path | None = None, strict: bool = False, seed:
         for keys, group in metrics.groupby(GROUP_COLUMNS, sort=True, dropna=False):
             for metric in METRICS:
                 values = group[metric].dropna().to_numpy(dtype=float)
-                low, high = bootstrap_ci(values, rng)
+                # One generator per row, so an interval does not depend on which other runs exist.
+                row_key = zlib.crc32(repr((keys, metric)).encode())
+                low, high = bootstrap_ci(values, np.random.default_rng([seed, row_key]))
                 rows.append({**dict(zip(GROUP_COLUMNS, keys)), "metric": metric, "mean": values.mean() if len(values) else np.nan,
                              "std": values.std(ddof=1) if len(values) > 1 else np.nan, "n": len(values),
                              "ci95_low": low, "ci95_high": high, "seeds": group["seed"].nunique()})

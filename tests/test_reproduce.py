@@ -9,6 +9,7 @@ import pandas as pd
 from conftest import results_dir_of
 from fewsam_lib.profiles import load_profile
 from fewsam_lib.reproduce import reproduce
+from fewsam_lib.runs import summarize
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
@@ -37,3 +38,19 @@ def test_reproduce_dry_run_lists_a_missing_run_as_planned(tmp_path):
     outcome = reproduce("smoke", tmp_path, dry_run=True)
     assert [state for _, state in outcome] == ["planned"] * 3
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_summary_row_does_not_move_when_other_runs_are_added(prompting_smoke_run, tmp_path):
+    results = tmp_path / "results"
+    only = results / prompting_smoke_run.relative_to(results_dir_of(prompting_smoke_run))
+    shutil.copytree(prompting_smoke_run, only)
+    alone = summarize(results)
+    other = only.with_name(only.name.replace("_box_", "_abc_"))
+    shutil.copytree(only, other)
+    metrics = pd.read_csv(other / "metrics.csv")
+    metrics.assign(variant="abc").to_csv(other / "metrics.csv", index=False)  # a second run, sorted before "box"
+    together = summarize(results)
+    assert len(together) == 2 * len(alone)
+    columns = ["mean", "std", "n", "ci95_low", "ci95_high"]
+    kept = together[together.variant == "box"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[columns], alone[columns].reset_index(drop=True))

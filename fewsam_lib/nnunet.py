@@ -180,7 +180,8 @@ def budget_for(manifest: Manifest, budget: str, seed: int, profile: Profile) -> 
         shots = max(profile.fewshot_shots or [0])
         if not shots:
             raise FewsamError(f"profile {profile.name} has no few-shot runs to match a label budget to")
-        return matched_budget(manifest, len(draw_collection(manifest, shots, seed).slices), seed)
+        table = slice_table(manifest, manifest.case_ids("train"))  # read the label files once for both
+        return matched_budget(manifest, len(draw_collection(manifest, shots, seed, table).slices), seed, table)
     raise FewsamError(f"unknown nnU-Net label budget '{budget}' (full or matched)")
 
 

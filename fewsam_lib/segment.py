@@ -17,7 +17,7 @@ from .cache import EmbeddingCache
 from .errors import FewsamError
 from .fewshot import FewShotModel, TrainingSettings, fit_fewshot, get_design
 from .manifest import SLICE_AXES, parse_axis, parse_intensity, parse_labels
-from .volumes import load_volume, normalise_intensity, stack_slices, take_slice
+from .volumes import image_grey_slices, load_volume, stack_slices, take_slice
 
 DEFAULT_INTENSITY = {"mode": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -44,11 +44,6 @@ def parse_label_names(text: str | None, values: list[int]) -> dict[int, str]:
     return parse_labels(pairs, "--labels")
 
 
-def grey_volume_slices(image: np.ndarray, axis: int, intensity: dict[str, Any], source: str) -> list[np.ndarray]:
-    grey = normalise_intensity(image, parse_intensity(intensity, source))
-    return [take_slice(grey, axis, i) for i in range(grey.shape[axis])]
-
-
 def annotated_slices(label: np.ndarray, axis: int) -> list[int]:
     moved = np.moveaxis(label, axis, 0).reshape(label.shape[axis], -1)
     return [int(i) for i in np.flatnonzero(moved.any(axis=1))]
@@ -73,7 +68,7 @@ def fit_on_partial_labels(
     absent = [name for value, name in tasks.items() if value not in present]
     if absent:
         raise FewsamError(f"{support_labels}: no voxel of {', '.join(absent)}; each task needs a labelled slice")
-    grey = grey_volume_slices(volume.image, axis, intensity, str(support))
+    grey = image_grey_slices(volume.image, parse_intensity(intensity, str(support)), axis)
     embeddings = list(cache.get_many([grey[i] for i in indices], progress=progress, desc="encode support"))
     labels = [take_slice(volume.label, axis, i) for i in indices]
     model, _ = fit_fewshot(cache.backbone.model, cache.spec.name, embeddings, labels, tasks, get_design(variant),
@@ -118,7 +113,8 @@ def segment_query(
         if save_model is not None:
             model.save(save_model)
     axis = model.preprocessing["slice_axis"]
-    grey = grey_volume_slices(query_volume.image, axis, model.preprocessing["intensity"], str(query))
+    grey = image_grey_slices(query_volume.image, parse_intensity(model.preprocessing["intensity"], str(query)),
+                             axis)
     embeddings = cache.get_many(grey, progress=progress, desc="encode query")
     prediction = stack_slices(list(model.segment(cache.backbone.model, embeddings, grey[0].shape)), axis)
     out = Path(out)

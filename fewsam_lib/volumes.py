@@ -164,8 +164,14 @@ def normalise_intensity(image: np.ndarray, spec: IntensitySpec) -> np.ndarray:
 
 def grey_slices(manifest: Manifest, volume: Volume, indices: list[int] | range) -> list[np.ndarray]:
     """The encoder-ready grey-level slices ``indices`` of a loaded case, as the manifest prescribes."""
-    grey = normalise_intensity(volume.image, manifest.intensity)
-    return [take_slice(grey, manifest.slice_axis, i) for i in indices]
+    return image_grey_slices(volume.image, manifest.intensity, manifest.slice_axis, indices)
+
+
+def image_grey_slices(image: np.ndarray, intensity: IntensitySpec, axis: int,
+                      indices: list[int] | range | None = None) -> list[np.ndarray]:
+    """Grey-level slices ``indices`` (default: all) of a canonical image, without a manifest."""
+    grey = normalise_intensity(image, intensity)
+    return [take_slice(grey, axis, i) for i in (range(grey.shape[axis]) if indices is None else indices)]
 
 
 def take_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The ``fewsam`` command line: validate, embed, run, reproduce, summarize, overview, weights, data.
+"""The ``fewsam`` command line: validate, embed, run, reproduce, summarize, overview, weights, data, convert.
 
 User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
 for a bad manifest, file or checkpoint.
@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import FewsamError
@@ -202,6 +203,22 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_openkbp, openkbp_manifest_text
+    from .paths import REPO_ROOT, converted_root
+
+    destination = args.destination or converted_root() / "openkbp_hn_ct"
+    written = convert_openkbp(args.source, destination, case_ids=args.patients, progress=not args.quiet)
+    print(f"written: {written}")
+    if args.manifest is not None:
+        manifest = Path(args.manifest)
+        manifest.write_text(openkbp_manifest_text(args.source))
+        print(f"written: {manifest}")
+    elif args.patients is None:
+        print(f"manifest: {REPO_ROOT / 'data_manifests' / 'openkbp_hn_ct.yaml'} (regenerate with --manifest)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewsam", description="fewsam: a benchmark of few-shot SAM fine-tuning for anatomical segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     overview.add_argument("manifest")
     overview.add_argument("--results", default=None)
     overview.set_defaults(handler=_overview)
+
+    convert = sub.add_parser("convert", help="convert a public dataset's original format to NIfTI (openkbp)")
+    convert.add_argument("dataset", choices=["openkbp"])
+    convert.add_argument("source", help="OpenKBP's provided-data folder (with train-pats/ and validation-pats/)")
+    convert.add_argument("destination", nargs="?", default=None,
+                         help="output folder (default: $FEWSAM_CONVERTED/openkbp_hn_ct)")
+    convert.add_argument("--patients", nargs="+", default=None, help="only these patients, e.g. pt_1 pt_2")
+    convert.add_argument("--manifest", default=None,
+                         help="also write the manifest here (data_manifests/openkbp_hn_ct.yaml)")
+    convert.add_argument("--quiet", action="store_true")
+    convert.set_defaults(handler=_convert)
 
     data = sub.add_parser("data", help="find (or download) the public datasets of the shipped manifests")
     data.add_argument("action", choices=["list", "fetch"])

@@ -75,6 +75,9 @@ class Manifest:
     split_seed: int | None
     sha256: str
     description: str = ""
+    # Tasks nobody annotated in a case (e.g. an organ not contoured): unknown there, not absent,
+    # so they are never scored and never taught as background. Training cases have none.
+    not_annotated: dict[str, frozenset[str]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -94,6 +97,11 @@ class Manifest:
         if split not in self.split:
             raise ManifestError(f"{self.path}: unknown split '{split}' (splits: {', '.join(SPLITS)}, all)")
         return list(self.split[split])
+
+    def annotated_tasks(self, case_id: str) -> dict[int, str]:
+        """The label map's tasks that were annotated in ``case_id`` (all of them unless listed)."""
+        missing = self.not_annotated.get(case_id, frozenset())
+        return {value: task for value, task in self.tasks.items() if task not in missing}
 
     def case(self, case_id: str) -> Case:
         try:
@@ -144,6 +152,8 @@ def _expand_env(text: str, manifest_path: Path) -> str:
         if variable == "FEWSAM_DATA":
             value = paths.data_root()
             value = str(value) if value else None
+        elif variable == "FEWSAM_CONVERTED":
+            value = str(paths.converted_root())
         else:
             value = os.environ.get(variable)
         if not value:
@@ -267,6 +277,29 @@ def _parse_split(spec: Any, cases: dict[str, Case], manifest_path: Path) -> tupl
     return split, (int(seed) if seed is not None else None)
 
 
+def _parse_not_annotated(spec: Any, cases: dict[str, Case], tasks: dict[int, str],
+                         split: dict[str, tuple[str, ...]], manifest_path: Path) -> dict[str, frozenset[str]]:
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ManifestError(f"{manifest_path}: 'not_annotated' must map case ids to lists of task names")
+    result = {}
+    for case_id, names in spec.items():
+        case_id = str(case_id)
+        if case_id not in cases:
+            raise ManifestError(f"{manifest_path}: not_annotated names case '{case_id}' without an image/label pair")
+        names = [names] if isinstance(names, str) else list(names or [])
+        unknown = sorted(set(names) - set(tasks.values()))
+        if unknown:
+            raise ManifestError(f"{manifest_path}: not_annotated {case_id}: unknown task(s) {', '.join(unknown)}")
+        if case_id in split["train"]:
+            raise ManifestError(f"{manifest_path}: training case '{case_id}' lacks annotations of "
+                                f"{', '.join(names)}; every method learns from full label maps, so leave it "
+                                f"out of the train split")
+        result[case_id] = frozenset(names)
+    return result
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and structurally check a manifest. File-level checks live in :func:`validate`."""
     manifest_path = Path(path).resolve()
@@ -286,23 +319,28 @@ def load_manifest(path: str | Path) -> Manifest:
         root = manifest_path.parent / root
     root = root.resolve()
     if not root.is_dir():
+        if raw.get("prepare"):
+            raise ManifestError(f"{manifest_path}: data root {root} is not a folder; prepare it with "
+                                f"`{_expand_env(str(raw['prepare']), manifest_path)}` (or `make data`)")
         raise ManifestError(f"{manifest_path}: data root {root} is not a folder (is FEWSAM_DATA right?)")
 
     cases = _parse_pairs(_require(raw, "pairs", manifest_path), root, manifest_path)
     split, seed = _parse_split(_require(raw, "split", manifest_path), cases, manifest_path)
+    tasks = parse_labels(_require(raw, "labels", manifest_path), manifest_path)
     return Manifest(
         path=manifest_path,
         dataset=str(_require(raw, "dataset", manifest_path)),
         modality=str(_require(raw, "modality", manifest_path)),
         root=root,
         cases=cases,
-        tasks=parse_labels(_require(raw, "labels", manifest_path), manifest_path),
+        tasks=tasks,
         slice_axis=parse_axis(_require(raw, "slice_axis", manifest_path), manifest_path),
         intensity=parse_intensity(_require(raw, "intensity", manifest_path), manifest_path),
         split=split,
         split_seed=seed,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
         description=str(raw.get("description", "")),
-        extra={k: v for k, v in raw.items() if k not in {
-            "dataset", "modality", "root", "pairs", "labels", "slice_axis", "intensity", "split", "description"}},
+        not_annotated=_parse_not_annotated(raw.get("not_annotated"), cases, tasks, split, manifest_path),
+        extra={k: v for k, v in raw.items() if k not in {"dataset", "modality", "root", "pairs", "labels", "slice_axis",
+                                                         "intensity", "split", "description", "not_annotated"}},
     )

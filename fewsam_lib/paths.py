@@ -19,6 +19,11 @@ def data_root() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+def converted_root() -> Path:
+    """``FEWSAM_CONVERTED``: datasets fewsam converted to NIfTI (default ``<repo>/work/data``, git-ignored)."""
+    return _from_env("FEWSAM_CONVERTED", REPO_ROOT / "work" / "data")
+
+
 def cache_root() -> Path:
     """``FEWSAM_CACHE``: the embedding cache (default ``<repo>/.cache/embeddings``, git-ignored)."""
     return _from_env("FEWSAM_CACHE", REPO_ROOT / ".cache" / "embeddings")

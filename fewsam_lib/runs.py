@@ -259,7 +259,8 @@ def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np
     """Metric rows of one case from its canonical predicted label map.
 
     Volume rows score the whole 3D label map; slice rows score each predicted slice (of
-    ``slices``) that contains the task in the ground truth.
+    ``slices``) that contains the task in the ground truth. Tasks the case was not annotated for
+    are predicted but not scored.
     """
     axis = manifest.slice_axis
     spacing_2d = tuple(s for i, s in enumerate(volume.spacing) if i != axis)
@@ -268,7 +269,7 @@ def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np
             "method": spec.method, "variant": spec.variant, "shots": spec.shots, "seed": spec.seed,
             "profile": spec.profile, "case_id": volume.case_id, "slice_selection": slice_selection}
     rows = []
-    for value, task in manifest.tasks.items():
+    for value, task in manifest.annotated_tasks(volume.case_id).items():
         rows.append({**base, "task": task, "level": "volume", "slice_index": None,
                      **score(volume.label == value, prediction == value, volume.spacing).as_dict()})
         for index in slices:

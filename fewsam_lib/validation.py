@@ -66,6 +66,10 @@ def validate(path: str | Path, progress: bool = True) -> ValidationReport:
         if unexpected:
             problems.append(f"{case.label}: label values {unexpected} are not in the manifest's label map "
                             f"{sorted(known_values)}")
+        for task in sorted(manifest.not_annotated.get(case.case_id, ())):
+            if manifest.label_of(task) in values:
+                problems.append(f"{case.label}: task '{task}' is listed as not annotated in {manifest.path.name} "
+                                f"but has labelled voxels")
         for value, count in zip(values.tolist(), counts.tolist()):
             if value in task_voxels:
                 task_voxels[value] += count

@@ -12,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FEWSAM_DATA", str((REPO.parent / "shared" / "data").resolve()))
 HIPPOCAMPUS_MANIFEST = REPO / "data_manifests" / "msd_hippocampus.yaml"
+OPENKBP_MANIFEST = REPO / "data_manifests" / "openkbp_hn_ct.yaml"
+OPENKBP_SOURCE = Path(os.environ["FEWSAM_DATA"]) / "open-kbp" / "provided-data"
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -35,6 +37,20 @@ def hippocampus_slices(hippocampus):
     labelled = [i for i in range(grey.shape[axis]) if take_slice(volume.label, axis, i).any()]
     middle = len(labelled) // 2
     return [take_slice(grey, axis, i) for i in labelled[middle - 2: middle + 2]]
+
+
+@pytest.fixture(scope="session")
+def openkbp(tmp_path_factory):
+    """The OpenKBP manifest over a complete conversion: the user's own if present, else a fresh one."""
+    from fewsam_lib import paths
+    from fewsam_lib.convert import convert_openkbp, is_converted
+    from fewsam_lib.manifest import load_manifest
+
+    if not is_converted(paths.converted_root() / "openkbp_hn_ct", OPENKBP_SOURCE):
+        converted = tmp_path_factory.mktemp("converted")
+        convert_openkbp(OPENKBP_SOURCE, converted / "openkbp_hn_ct", progress=False)
+        os.environ["FEWSAM_CONVERTED"] = str(converted)
+    return load_manifest(OPENKBP_MANIFEST)
 
 
 @pytest.fixture(scope="session")

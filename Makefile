@@ -12,6 +12,9 @@ STAMP  := $(VENV)/.fewsam-installed
 export FEWSAM_DATA    ?= $(abspath $(CURDIR)/../shared/data)
 export FEWSAM_CACHE   ?= $(CURDIR)/.cache/embeddings
 export FEWSAM_WEIGHTS ?= $(CURDIR)/weights
+export FEWSAM_CONVERTED ?= $(CURDIR)/work/data
+OPENKBP_SOURCE := $(FEWSAM_DATA)/open-kbp/provided-data
+OPENKBP := $(FEWSAM_CONVERTED)/openkbp_hn_ct/conversion.json
 
 PROFILE ?= cpu
 
@@ -24,7 +27,8 @@ help:
 	@echo "make setup     virtual environment in $(VENV) with pinned dependencies, plus verified weights"
 	@echo "make test      the test suite (real data from FEWSAM_DATA=$(FEWSAM_DATA))"
 	@echo "make weights   fetch and verify MobileSAM + LiteMedSAM (add SAM=\"vit_b\" to download SAM ViT-B)"
-	@echo "make data      check the datasets under FEWSAM_DATA (download MSD Task04 if it is missing)"
+	@echo "make data      check the datasets under FEWSAM_DATA (download MSD Task04 if it is missing) and"
+	@echo "               convert OpenKBP to NIfTI under FEWSAM_CONVERTED=$(FEWSAM_CONVERTED)"
 	@echo "make validate  validate every manifest in data_manifests/"
 	@echo "make reproduce PROFILE=cpu   every run of the profile that is not complete, then tables + figures"
 	@echo "make reproduce-list          what make reproduce would run"
@@ -45,8 +49,13 @@ weights: $(STAMP)
 	$(FEWSAM) weights fetch mobile_sam lite_medsam
 	@for variant in $(SAM); do $(FEWSAM) weights fetch sam_$$variant --download || exit 1; done
 
-data: $(STAMP)
+data: $(STAMP) $(OPENKBP)
 	$(FEWSAM) data fetch msd_hippocampus
+
+# OpenKBP is published as a git repository (github.com/ababier/open-kbp), not an archive.
+$(OPENKBP): | $(STAMP)
+	@test -d "$(OPENKBP_SOURCE)" || { echo "OpenKBP is missing: git clone https://github.com/ababier/open-kbp $(FEWSAM_DATA)/open-kbp"; exit 1; }
+	$(FEWSAM) convert openkbp "$(OPENKBP_SOURCE)" "$(FEWSAM_CONVERTED)/openkbp_hn_ct"
 
 validate: $(STAMP)
 	@for manifest in data_manifests/*.yaml; do $(FEWSAM) validate --quiet $$manifest || exit 1; done

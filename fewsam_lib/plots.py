@@ -178,27 +178,35 @@ def split_summary(manifest: Manifest) -> pd.DataFrame:
 
 
 def slice_counts(manifest: Manifest, table: pd.DataFrame) -> pd.DataFrame:
-    """Per split and task: volumes, slices, slices containing the task, mean labelled voxels per such slice."""
+    """Per split and task: volumes (and how many annotate the task), slices, slices containing the
+    task, mean labelled voxels per such slice."""
     split_of = {case: name for name, ids in manifest.split.items() for case in ids}
     table = table.assign(split=table.case_id.map(split_of))
     rows = []
     for split, part in table.groupby("split"):
+        cases = part.case_id.unique()
         for task in manifest.task_names:
             present = part[part[task] > 0]
-            rows.append({"split": split, "task": task, "cases": part.case_id.nunique(), "slices": len(part),
-                         "slices_with_task": len(present), "mean_voxels_per_slice": round(present[task].mean(), 1)})
+            annotated = sum(task in manifest.annotated_tasks(case).values() for case in cases)
+            rows.append({"split": split, "task": task, "cases": len(cases), "cases_annotated": annotated,
+                         "slices": len(part), "slices_with_task": len(present),
+                         "mean_voxels_per_slice": round(present[task].mean(), 1)})
     return pd.DataFrame(rows)
 
 
 def intensity_histograms(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
-    """Raw and normalised intensity histograms of a few cases (foreground voxels)."""
+    """Raw and normalised intensity histograms of a few cases (voxels above the volume's minimum,
+    i.e. without MR zero padding or CT air; a seeded sample of at most 50,000 per case)."""
     figure, (raw_ax, grey_ax) = plt.subplots(1, 2, figsize=(9, 3))
+    rng = np.random.default_rng(0)
     for case_id in case_ids:
         volume = load_case(manifest, case_id, label=False)
-        sns.kdeplot(volume.image[volume.image > 0].ravel(), ax=raw_ax, label=case_id, linewidth=1)
+        foreground = np.flatnonzero(volume.image.ravel() > volume.image.min())
+        sample = rng.choice(foreground, size=min(foreground.size, 50_000), replace=False)
+        sns.kdeplot(volume.image.ravel()[sample], ax=raw_ax, label=case_id, linewidth=1)
         grey = normalise_intensity(volume.image, manifest.intensity)
-        sns.kdeplot(grey[volume.image > 0].ravel(), ax=grey_ax, linewidth=1)
-    raw_ax.set(title="raw intensities (non-zero voxels)", xlabel="value")
+        sns.kdeplot(grey.ravel()[sample], ax=grey_ax, linewidth=1)
+    raw_ax.set(title="raw intensities (above the volume minimum)", xlabel="value")
     grey_ax.set(title=f"after intensity handling ({manifest.intensity.mode})", xlabel="grey level", xlim=(0, 255))
     raw_ax.legend(fontsize=7)
     figure.tight_layout()

@@ -63,11 +63,21 @@ validate: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-reproduce: $(STAMP)
-	$(FEWSAM) reproduce --profile $(PROFILE)
+# One file target per run (its folder's .complete stamp), generated from the profile's YAML:
+# an interrupted `make reproduce` resumes, a complete run is never recomputed, `make -j2` runs two
+# at a time. The report runs when every run is complete.
+RUNS_MK := work/make/runs-$(PROFILE).mk
 
-reproduce-list: $(STAMP)
-	$(FEWSAM) reproduce --profile $(PROFILE) --dry-run
+$(RUNS_MK): fewsam_lib/profiles/$(PROFILE).yaml $(wildcard data_manifests/*.yaml) | $(STAMP)
+	$(FEWSAM) reproduce --profile $(PROFILE) --makefile $@
+
+reproduce: $(RUNS_MK)
+	$(MAKE) -f $(RUNS_MK) FEWSAM=$(abspath $(FEWSAM)) runs
+	$(FEWSAM) report --profile $(PROFILE)
+
+reproduce-list: $(RUNS_MK)
+	@$(MAKE) -n -s -f $(RUNS_MK) FEWSAM=$(abspath $(FEWSAM)) runs | sed -n 's|.*fewsam run|fewsam run|p'
+	@echo "($$(grep -c '^	$$(FEWSAM)' $(RUNS_MK)) runs in profile $(PROFILE); the lines above are the ones not complete)"
 
 summarize: $(STAMP)
 	$(FEWSAM) summarize

@@ -1,4 +1,4 @@
-"""The ``fewsam`` command line: validate, embed, run, reproduce, summarize, overview, weights, data, convert.
+"""The ``fewsam`` command line: validate, embed, run, reproduce, report, summarize, overview, weights, data, convert.
 
 User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
 for a bad manifest, file or checkpoint.
@@ -162,8 +162,11 @@ def _summarize(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from .reproduce import reproduce, write_makefile
 
+    if args.makefile:
+        print(f"written: {write_makefile(args.profile, args.makefile, args.results)}")
+        return 0
     outcome = reproduce(args.profile, args.results, dry_run=args.dry_run, force=args.force)
     for folder, state in outcome:
         print(f"{state:9s} {folder}")
@@ -171,6 +174,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     print(f"{len(outcome)} runs in profile {args.profile}: {ran} executed, "
           f"{sum(state == 'complete' for _, state in outcome)} already complete"
           + (", nothing executed (dry run)" if args.dry_run else ""))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .reproduce import finish_profile
+
+    print(f"written: {finish_profile(args.profile, args.results)}")
     return 0
 
 
@@ -303,7 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--results", default=None)
     reproduce.add_argument("--dry-run", action="store_true", help="list what would run")
     reproduce.add_argument("--force", action="store_true", help="rerun complete runs too")
+    reproduce.add_argument("--makefile", default=None,
+                           help="only write a makefile with one target per run (what `make reproduce` runs)")
     reproduce.set_defaults(handler=_reproduce)
+
+    report = sub.add_parser("report", help="dataset overviews, summary and 90_report for a profile's complete runs")
+    report.add_argument("--profile", default="cpu")
+    report.add_argument("--results", default=None)
+    report.set_defaults(handler=_report)
 
     overview = sub.add_parser("overview", help="execute 00_dataset_overview for a manifest")
     overview.add_argument("manifest")

@@ -70,3 +70,11 @@ def run_dataset_overview(manifest: str, results_dir: str | Path | None = None) -
     dataset = load_manifest(manifest).dataset
     output = results_dir / "datasets" / dataset / "00_dataset_overview.ipynb"
     return execute("00_dataset_overview.ipynb", output, {"manifest": str(manifest)})
+
+
+def run_report(results_dir: str | Path | None = None, profile: str = "cpu", readme: str | Path | None = None) -> Path:
+    """``90_report.ipynb`` over ``results_dir``, saved under ``results/report/<profile>/``."""
+    results_dir = Path(results_dir) if results_dir else default_results_dir()
+    output = results_dir / "report" / profile / "90_report.ipynb"
+    return execute("90_report.ipynb", output, {"results_dir": str(results_dir), "profile": profile,
+                                                "readme": str(readme) if readme else None})

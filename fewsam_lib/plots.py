@@ -270,23 +270,25 @@ def fewshot_figure(summary: pd.DataFrame) -> plt.Figure | None:
     profile = fewshot.profile.value_counts().idxmax()  # one profile per figure: same test cases throughout
     fewshot = fewshot[fewshot.profile == profile]
     prompting = iou[(iou.method == "sam_prompting") & iou.variant.isin(REFERENCE_VARIANTS) & (iou.profile == profile)]
-    tasks = sorted(fewshot.task.unique())
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.6), squeeze=False, sharey=True)
+    panels = fewshot[["dataset", "task"]].drop_duplicates().sort_values(["dataset", "task"]).values.tolist()
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False, sharey=True)
     styles = dict(zip(REFERENCE_VARIANTS, [":", "--"]))
-    for ax, task in zip(axes[0], tasks):
+    for ax, (dataset, task) in zip(axes[0], panels):
+        on_panel = fewshot[(fewshot.dataset == dataset) & (fewshot.task == task)]
+        references = prompting[(prompting.dataset == dataset) & (prompting.task == task)]
         for colour, backbone in zip(sns.color_palette("deep"), sorted(fewshot.backbone.unique())):
-            for variant, line in fewshot[(fewshot.task == task) & (fewshot.backbone == backbone)].groupby("variant"):
+            for variant, line in on_panel[on_panel.backbone == backbone].groupby("variant"):
                 line = line.sort_values("shots")
                 ax.plot(line.shots, line["mean"], marker="o", color=colour, label=f"{backbone} few-shot ({variant})")
                 ax.fill_between(line.shots, line.ci95_low, line.ci95_high, color=colour, alpha=0.2, linewidth=0)
-            for reference in prompting[(prompting.task == task) & (prompting.backbone == backbone)].itertuples():
+            for reference in references[references.backbone == backbone].itertuples():
                 ax.axhline(reference.mean, color=colour, linestyle=styles[reference.variant], linewidth=1,
                            label=f"{backbone} SAM {reference.variant}")
-        shots = sorted(fewshot.shots.unique())
+        shots = sorted(on_panel.shots.unique())
         ax.set_xscale("log")
         ax.set_xticks(shots, [str(s) for s in shots])
         ax.minorticks_off()
-        ax.set(title=f"{fewshot.dataset.iloc[0]} · {task}", xlabel="labelled slices per task (shots)",
+        ax.set(title=f"{dataset} · {task}", xlabel="labelled slices per task (shots)",
                ylabel="IoU (slices with the task)", ylim=(0, 1))
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=7)

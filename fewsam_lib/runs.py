@@ -115,10 +115,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     partial.replace(path)
 
 
+COMPLETE_STAMP = ".complete"
+
+
 class RunWriter:
     """Creates a run folder, clears a previous attempt's outputs, and marks it complete at the end."""
 
-    OUTPUTS = ("metrics.csv", "predictions", "run.json")
+    OUTPUTS = (COMPLETE_STAMP, "metrics.csv", "predictions", "run.json")
 
     def __init__(self, spec: RunSpec, results_dir: str | Path | None, parameters: dict[str, Any],
                  provenance: dict[str, Any]) -> None:
@@ -155,9 +158,15 @@ class RunWriter:
         self.meta["timings_s"] = {**timings, "total": time.perf_counter() - self._started}
         self.meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.meta["rows"] = len(frame)
-        self.meta["status"] = "complete"  # written last: a run is complete only once this lands
+        self.meta["status"] = "complete"  # a run is complete only once this lands
         _write_json(self.folder / "run.json", self.meta)
+        mark_complete(self.folder)
         return self.folder
+
+
+def mark_complete(folder: Path) -> None:
+    """The file ``make reproduce`` targets: it exists only beside a run.json that says complete."""
+    (folder / COMPLETE_STAMP).write_text(f"{folder.name}\n")
 
 
 def load_run(folder: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:

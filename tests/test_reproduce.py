@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 
 import pandas as pd
+import pytest
 
 from conftest import results_dir_of
+from fewsam_lib.errors import FewsamError
 from fewsam_lib.profiles import load_profile
-from fewsam_lib.reproduce import reproduce
-from fewsam_lib.runs import summarize
+from fewsam_lib.report import REPORT_TABLES, replace_block, run_index, write_report
+from fewsam_lib.reproduce import reproduce, write_makefile
+from fewsam_lib.runs import IncompleteRun, summarize
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
@@ -27,11 +32,58 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert reproduce("smoke", results) == [(folder, "complete") for folder in folders]
 
     assert [(folder / "run.json").stat().st_mtime_ns for folder in folders] == stamps  # nothing recomputed
+
+    # make reproduce: one file target per run; complete runs are up to date, a missing one is planned.
+    makefile = write_makefile("smoke", tmp_path / "runs-smoke.mk", results)
+    assert subprocess.run(["make", "-q", "-f", str(makefile), "runs"]).returncode == 0
+    (folders[1] / ".complete").unlink()
+    planned = subprocess.run(["make", "-n", "-f", str(makefile), "runs"], capture_output=True, text=True).stdout
+    assert planned.count("fewsam run") == 1 and "fewsam run fewshot" in planned and "--shots 5" in planned
+    write_makefile("smoke", makefile, results)  # a complete run.json gets its stamp back
+    assert subprocess.run(["make", "-q", "-f", str(makefile), "runs"]).returncode == 0
     overview = results / "datasets" / "msd_hippocampus" / "00_dataset_overview.ipynb"
     assert "slices_with_task" in overview.read_text()
     assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {"sam_prompting", "fewshot", "nnunet"}
     assert (results / "figures" / "prompting_iou.png").exists()
     assert (results / "figures" / "fewshot_iou_vs_shots.png").exists()
+
+    # The report: every table and figure, from the run folders alone.
+    assert "main_table.md" in (results / "report" / "smoke" / "90_report.ipynb").read_text()
+    for name in REPORT_TABLES:
+        assert (results / "tables" / name).stat().st_size > 0
+    for name in ("label_efficiency.png", "qualitative_msd_hippocampus.png"):
+        assert (results / "figures" / name).exists()
+    table = pd.read_csv(results / "tables" / "main_table.csv")
+    assert set(table.level) == {"slice", "volume"}
+    summary = pd.read_csv(results / "tables" / "summary.csv")
+    few = summary[(summary.method == "fewshot") & (summary.metric == "iou") & (summary.level == "slice")]
+    anterior = table[(table.task == "anterior") & (table.level == "slice") & table.label.str.startswith("few-shot")]
+    assert anterior.iou_mean.iloc[0] == pytest.approx(few[few.task == "anterior"]["mean"].iloc[0], abs=1e-4)
+    headline = (results / "tables" / "headline.md").read_text()
+    assert "msd_hippocampus · anterior · mobile_sam: few-shot with 5 labelled slices" in headline
+    assert "nnU-Net trained on" in headline
+    costs = pd.read_csv(results / "tables" / "cost_table.csv")
+    trained = costs[costs.label.str.startswith(("few-shot", "nnU-Net"))]
+    assert costs["nnU-Net plan + preprocess"].notna().any() and trained["decoder / nnU-Net training"].notna().all()
+
+
+def test_report_refuses_an_incomplete_run(prompting_smoke_run, tmp_path):
+    results = tmp_path / "results"
+    folder = results / prompting_smoke_run.relative_to(results_dir_of(prompting_smoke_run))
+    shutil.copytree(prompting_smoke_run, folder)
+    run = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**run, "status": "running"}))
+    with pytest.raises(IncompleteRun, match=str(folder)):
+        write_report(results, "smoke")
+    with pytest.raises(FewsamError, match="no complete runs of profile cpu"):
+        run_index(tmp_path / "empty", "cpu")
+
+
+def test_readme_blocks_are_replaced_between_their_markers():
+    text = "a\n<!-- report:main_table -->\nold\n<!-- /report:main_table -->\nb\n"
+    assert replace_block(text, "main_table", "new\n") == "a\n<!-- report:main_table -->\nnew\n<!-- /report:main_table -->\nb\n"
+    with pytest.raises(FewsamError, match="report:headline"):
+        replace_block(text, "headline", "x")
 
 
 def test_reproduce_dry_run_lists_a_missing_run_as_planned(tmp_path):

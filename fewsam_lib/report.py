@@ -1,0 +1,314 @@
+"""The benchmark report (``notebooks/90_report.ipynb``): tables and figures from ``results/runs`` only.
+
+Everything here is recomputed from the run folders (``run.json``, ``metrics.csv``, predictions);
+an incomplete run folder is an error that names it, never silently left out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from . import paths
+from .errors import FewsamError
+from .manifest import load_manifest
+from .plots import _draw_labels, _show
+from .runs import IncompleteRun, collect_metrics, run_folders, summarize
+from .volumes import grey_slices, load_case, take_slice
+
+PROMPT_NAMES = {"point1": "1 point", "point3": "3 points", "point5": "5 points", "point1_neg1": "1 point + 1 negative",
+                "box": "box", "box_jitter": "jittered box", "box_point": "box + point"}
+REPORT_TABLES = ("main_table.csv", "main_table.md", "headline.md", "cost_table.csv", "cost_table.md")
+LEVEL_TITLES = {"slice": "per slice (slices that contain the task)", "volume": "per volume (whole 3D label map)"}
+
+
+def run_index(results_dir: str | Path, profile: str | None = None) -> pd.DataFrame:
+    """One row per run folder: what it is, its label budget and its costs (from ``run.json``)."""
+    rows, incomplete = [], []
+    for folder in run_folders(results_dir):
+        meta = json.loads((folder / "run.json").read_text())
+        if profile is not None and meta.get("profile") != profile:
+            continue
+        if meta.get("status") != "complete":
+            incomplete.append(str(folder))
+            continue
+        timings, cache = meta.get("timings_s", {}), meta.get("cache", {})
+        budget = meta.get("label_budget", {}).get("name")
+        labelled = {"fewshot": meta.get("support_slices"), "nnunet": meta.get("shots")}.get(meta["method"])
+        rows.append({
+            "folder": str(folder), "dataset": meta["dataset"], "method": meta["method"], "variant": meta["variant"],
+            "backbone": meta["backbone"], "shots": meta.get("shots"), "seed": meta["seed"], "profile": meta["profile"],
+            "budget": budget, "labelled_slices": labelled,
+            "cache_hits": cache.get("hits"), "cache_misses": cache.get("misses"),
+            "encode_s": cache.get("encode_seconds"), **{f"{k}_s": v for k, v in timings.items()},
+        })
+    if incomplete:
+        raise IncompleteRun("the report needs complete runs; incomplete run folder(s): " + "; ".join(incomplete)
+                            + " (finish them with `make reproduce` or remove them)")
+    if not rows:
+        raise FewsamError(f"{results_dir}: no complete runs" + (f" of profile {profile}" if profile else ""))
+    return pd.DataFrame(rows)
+
+
+def method_label(method: str, variant: str, shots, budget: str | None = None) -> str:
+    if method == "sam_prompting":
+        return f"SAM {PROMPT_NAMES.get(variant, variant)}"
+    if method == "fewshot":
+        design = "" if variant == "centred" else f" ({variant})"
+        return f"few-shot {int(shots)} shot{'s' if int(shots) != 1 else ''}{design}"
+    if method == "nnunet":
+        kind = "full" if budget == "full" else "matched budget"
+        return f"nnU-Net {kind} ({int(shots)} slices, {variant.split('-')[0]})"
+    return f"{method} {variant}"
+
+
+def _method_order(row: pd.Series) -> tuple:
+    prompts = list(PROMPT_NAMES)
+    rank = {"sam_prompting": 0, "fewshot": 1, "nnunet": 2}.get(row["method"], 3)
+    within = prompts.index(row["variant"]) if row["variant"] in prompts else len(prompts)
+    shots = float(row["shots"]) if str(row["shots"]) not in ("", "nan", "None") else 0.0
+    return (rank, within if rank == 0 else 0, shots, row["variant"])
+
+
+def _budgets(index: pd.DataFrame) -> dict[tuple, str]:
+    nnunet = index[index.method == "nnunet"]
+    return {(r.dataset, r.variant, int(r.shots)): r.budget for r in nnunet.itertuples()}
+
+
+def labelled_summary(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """The summary's rows with a readable method label and their sort order."""
+    budgets = _budgets(index)
+    frame = summary.copy()
+    frame["shots"] = frame["shots"].map(lambda v: "" if pd.isna(v) or v == "" else str(int(float(v))))
+    frame["label"] = [method_label(r.method, r.variant, r.shots or None,
+                                   budgets.get((r.dataset, r.variant, int(r.shots))) if r.method == "nnunet" else None)
+                      for r in frame.itertuples()]
+    frame["order"] = frame.apply(_method_order, axis=1)
+    return frame.sort_values(["dataset", "level", "task", "order", "backbone"]).reset_index(drop=True)
+
+
+def main_table(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """IoU and Dice per dataset, level, task and method (one row per cell of the paper-like table)."""
+    frame = labelled_summary(summary[summary.metric.isin(["iou", "dice"])], index)
+    table = frame.pivot_table(index=["dataset", "level", "task", "order", "label", "backbone"], columns="metric",
+                              values=["mean", "std", "ci95_low", "ci95_high", "n", "seeds"], aggfunc="first")
+    table.columns = [f"{metric}_{stat}" for stat, metric in table.columns]
+    return table.reset_index().drop(columns="order")
+
+
+def main_table_markdown(table: pd.DataFrame) -> str:
+    lines = ["<!-- generated by fewsam_lib.report from results/runs; do not edit -->", ""]
+    for (dataset, level), part in table.groupby(["dataset", "level"], sort=True):
+        shown = pd.DataFrame({"task": part.task, "method": part.label, "backbone": part.backbone})
+        for metric in ("iou", "dice"):
+            shown[metric.replace("iou", "IoU").replace("dice", "Dice")] = [
+                f"{m:.3f} ± {s:.3f} [{lo:.3f}, {hi:.3f}]" for m, s, lo, hi in
+                zip(part[f"{metric}_mean"], part[f"{metric}_std"].fillna(0), part[f"{metric}_ci95_low"],
+                    part[f"{metric}_ci95_high"])]
+        shown["n (seeds)"] = [f"{int(n)} ({int(k)})" for n, k in zip(part.iou_n, part.iou_seeds)]
+        lines += [f"### {dataset} — {LEVEL_TITLES.get(level, level)}", "", shown.to_markdown(index=False), ""]
+    lines.append("IoU and Dice: mean ± std [95% bootstrap CI of the mean] over slices (or volumes) and seeds.")
+    return "\n".join(lines) + "\n"
+
+
+def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.Figure:
+    """Slice-level IoU against labelled training slices, one panel per dataset and task.
+
+    Few-shot: one curve per backbone at the mean number of distinct labelled slices of its
+    collections; nnU-Net: points at the labelled slices of their budgets; SAM one point and box:
+    horizontal references (they need a prompt on every test slice instead of training labels).
+    """
+    iou = labelled_summary(summary[(summary.metric == "iou") & (summary.level == "slice")], index)
+    panels = iou[["dataset", "task"]].drop_duplicates().values.tolist()
+    columns = min(len(panels), 3)
+    figure, axes = plt.subplots(-(-len(panels) // columns), columns, figsize=(4.6 * columns, 3.6 * -(-len(panels) // columns)),
+                                squeeze=False, sharey=True)
+    colours = dict(zip(sorted(iou.backbone.unique()), sns.color_palette("deep")))
+    slices_of = (index[index.method == "fewshot"].groupby(["dataset", "backbone", "variant", "shots"])
+                 .labelled_slices.mean())
+    for ax, (dataset, task) in zip(axes.ravel(), panels):
+        part = iou[(iou.dataset == dataset) & (iou.task == task)]
+        for (backbone, variant), line in part[part.method == "fewshot"].groupby(["backbone", "variant"]):
+            line = line.assign(x=[slices_of.get((dataset, backbone, variant, int(s)), np.nan) for s in line.shots])
+            line = line.sort_values("x")
+            ax.errorbar(line.x, line["mean"], yerr=[line["mean"] - line.ci95_low, line.ci95_high - line["mean"]],
+                        marker="o", color=colours[backbone], capsize=2, label=f"few-shot · {backbone}")
+        for row in part[part.method == "nnunet"].itertuples():
+            ax.errorbar([int(row.shots)], [row.mean], yerr=[[row.mean - row.ci95_low], [row.ci95_high - row.mean]],
+                        marker="s", color="black", capsize=2, linestyle="none", label=row.label)
+        for row in part[(part.method == "sam_prompting") & part.variant.isin(["point1", "box"])].itertuples():
+            ax.axhline(row.mean, color=colours[row.backbone], linestyle=":" if row.variant == "point1" else "--",
+                       linewidth=1, label=f"{row.label} · {row.backbone}")
+        ticks = sorted({round(x) for line in ax.get_lines() for x in line.get_xdata() if np.isfinite(x) and x > 0})
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.minorticks_off()
+        ax.set(title=f"{dataset} · {task}", xlabel="labelled training slices", ylabel="IoU (slices with the task)",
+               ylim=(0, 1))
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    handles, labels = {}, []
+    for ax in axes.ravel():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
+    rows = -(-len(panels) // columns)
+    figure.tight_layout(rect=(0, 0.06 + 0.1 / rows, 1, 1))
+    return figure
+
+
+def _cell(summary: pd.DataFrame, **keys) -> pd.Series | None:
+    rows = summary
+    for key, value in keys.items():
+        rows = rows[rows[key] == value]
+    return rows.iloc[0] if len(rows) else None
+
+
+def headline_sentences(summary: pd.DataFrame, index: pd.DataFrame) -> list[str]:
+    """Per dataset, task and backbone: few-shot (most shots) against one point, and against nnU-Net."""
+    iou = labelled_summary(summary[summary.metric == "iou"], index)
+    sentences = []
+    for (dataset, task), part in iou.groupby(["dataset", "task"], sort=True):
+        slices = part[part.level == "slice"]
+        fewshot = slices[slices.method == "fewshot"]
+        if fewshot.empty:
+            sentences.append(f"{dataset} · {task}: no few-shot run yet.")
+            continue
+        nnunet = slices[slices.method == "nnunet"]
+        for backbone, runs in fewshot.groupby("backbone"):
+            best_shots = max(int(s) for s in runs.shots)
+            few = runs[runs.shots == str(best_shots)].iloc[0]
+            text = (f"{dataset} · {task} · {backbone}: few-shot with {best_shots} labelled slices per task reaches "
+                    f"IoU {few['mean']:.3f} on the slices that contain the task (seeds: {few.seeds})")
+            point = _cell(slices, method="sam_prompting", variant="point1", backbone=backbone)
+            if point is not None:
+                relative = (few["mean"] / point["mean"] - 1) * 100 if point["mean"] > 0 else np.inf
+                text += (f", against {point['mean']:.3f} with one point prompt on the same slices: "
+                         f"{relative:+.0f}% relative ({few['mean'] - point['mean']:+.3f} absolute; the paper reports "
+                         f"about +50%)")
+            else:
+                text += " (no one-point baseline for this backbone)"
+            for row in nnunet.itertuples():
+                text += (f"; nnU-Net trained on {row.shots} labelled slices ({row.label.split(' (')[0]}) reaches "
+                         f"{row.mean:.3f}, {row.mean - few['mean']:+.3f} IoU from few-shot")
+            if nnunet.empty:
+                text += "; no nnU-Net run yet"
+            sentences.append(text + ".")
+    return sentences
+
+
+def cost_table(index: pd.DataFrame) -> pd.DataFrame:
+    """Measured costs per method and backbone (means over runs; seconds unless named otherwise)."""
+    frame = index.copy()
+    frame["label"] = [method_label(r.method, r.variant, r.shots, r.budget) for r in frame.itertuples()]
+    frame["encoder_s_per_slice"] = frame.encode_s / frame.cache_misses.where(frame.cache_misses > 0)
+    columns = {"encoder_s_per_slice": "encoder s/slice (misses)", "cache_hits": "cache hits", "cache_misses": "cache misses",
+               "train_s": "decoder / nnU-Net training", "decode_s": "prompted decoding", "predict_s": "prediction",
+               "plan_and_preprocess_s": "nnU-Net plan + preprocess", "total_s": "run total"}
+    present = [c for c in columns if c in frame]
+    frame["order"] = frame.apply(_method_order, axis=1)
+    frame = frame.sort_values(["dataset", "order", "backbone"])
+    groups = frame.groupby(["dataset", "label", "backbone"], sort=False)
+    table = groups[present].mean().reset_index()
+    table.insert(3, "runs", groups.size().to_numpy())
+    return table.rename(columns=columns)
+
+
+def qualitative_grid(results_dir: str | Path, index: pd.DataFrame, metrics: pd.DataFrame, dataset: str,
+                     picks: int = 3) -> plt.Figure:
+    """The same slices for every method: worst, median and best slice (mean IoU over tasks) of the
+    reference run (few-shot with most shots, seed 0, first backbone), with each method's prediction."""
+    runs = index[index.dataset == dataset]
+    fewshot = runs[runs.method == "fewshot"].sort_values(["shots", "backbone", "seed"], ascending=[False, True, True])
+    reference = fewshot.iloc[0] if len(fewshot) else runs.iloc[0]
+    shown = [reference]
+    for method, variants in (("sam_prompting", ["point1", "box"]), ("nnunet", None)):
+        candidates = runs[(runs.method == method) & ((runs.backbone == reference.backbone) | (method == "nnunet"))]
+        if variants is not None:
+            candidates = candidates[candidates.variant.isin(variants)]
+        shown += [row for _, row in candidates.sort_values(["variant", "shots"]).iterrows()]
+    ref_rows = metrics[(metrics.dataset == dataset) & (metrics.level == "slice")]
+    ref_rows = ref_rows[(ref_rows.method == reference.method) & (ref_rows.variant == reference.variant)
+                        & (ref_rows.backbone == reference.backbone) & (ref_rows.seed == reference.seed)
+                        & (pd.to_numeric(ref_rows.shots).fillna(-1) == (-1 if pd.isna(reference.shots) else reference.shots))]
+    per_slice = ref_rows.groupby(["case_id", "slice_index"]).iou.mean().reset_index()
+    per_slice = per_slice.sort_values(["iou", "case_id", "slice_index"]).reset_index(drop=True)
+    chosen = per_slice.iloc[np.unique(np.linspace(0, len(per_slice) - 1, picks).round().astype(int))]
+    manifest = load_manifest(paths.REPO_ROOT / json.loads(Path(reference.folder, "run.json").read_text())["parameters"]["manifest"])
+    figure, axes = plt.subplots(len(chosen), 2 + len(shown), figsize=(2.3 * (2 + len(shown)), 2.5 * len(chosen)),
+                                squeeze=False)
+    for row_axes, (_, pick) in zip(axes, chosen.iterrows()):
+        volume = load_case(manifest, pick.case_id)
+        index_ = int(pick.slice_index)
+        grey = grey_slices(manifest, volume, [index_])[0]
+        _show(row_axes[0], grey, f"{pick.case_id} slice {index_}")
+        _show(row_axes[1], grey, "ground truth")
+        _draw_labels(row_axes[1], take_slice(volume.label, manifest.slice_axis, index_).T, manifest.tasks)
+        for ax, run in zip(row_axes[2:], shown):
+            predicted = volume.read_on_canonical_grid(Path(run.folder) / "predictions" / f"{pick.case_id}.nii.gz")
+            label = method_label(run.method, run.variant, run.shots, run.budget)
+            _show(ax, grey, f"{label}\n{run.backbone}" if run.backbone != "none" else label)
+            _draw_labels(ax, take_slice(predicted, manifest.slice_axis, index_).T, manifest.tasks)
+    figure.suptitle(f"{dataset}: worst, median and best slice of {method_label(reference.method, reference.variant, reference.shots)} "
+                    f"({reference.backbone}, seed {reference.seed}); every column is one run", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    """Replace what lies between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``."""
+    pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise FewsamError(f"no <!-- report:{name} --> ... <!-- /report:{name} --> block to fill")
+    return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def write_report(results_dir: str | Path | None = None, profile: str | None = "cpu",
+                 readme: str | Path | None = None) -> dict[str, Path]:
+    """Every table and figure of the report under ``results/tables`` and ``results/figures``.
+
+    ``readme``: also refresh the README's generated results blocks.
+    """
+    results_dir = Path(results_dir or paths.REPO_ROOT / "results")
+    index = run_index(results_dir, profile)
+    summary = summarize(results_dir, strict=True)
+    if profile is not None:
+        summary = summary[summary.profile == profile]
+    metrics = collect_metrics(results_dir, strict=True)
+    tables, figures = results_dir / "tables", results_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    table = main_table(summary, index)
+    table.to_csv(tables / "main_table.csv", index=False, float_format="%.4f")
+    (tables / "main_table.md").write_text(main_table_markdown(table))
+    headline = "\n".join(f"- {sentence}" for sentence in headline_sentences(summary, index)) + "\n"
+    (tables / "headline.md").write_text(headline)
+    costs = cost_table(index)
+    costs.to_csv(tables / "cost_table.csv", index=False, float_format="%.3f")
+    (tables / "cost_table.md").write_text(costs.to_markdown(index=False, floatfmt=".2f") + "\n")
+    written.update({name: tables / name for name in REPORT_TABLES})
+
+    figure = label_efficiency_figure(summary, index)
+    figure.savefig(figures / "label_efficiency.png", dpi=120)
+    plt.close(figure)
+    written["label_efficiency.png"] = figures / "label_efficiency.png"
+    for dataset in sorted(index.dataset.unique()):
+        figure = qualitative_grid(results_dir, index, metrics, dataset)
+        name = f"qualitative_{dataset}.png"
+        figure.savefig(figures / name, dpi=100)
+        plt.close(figure)
+        written[name] = figures / name
+
+    if readme is not None:
+        readme = Path(readme)
+        text = replace_block(readme.read_text(), "main_table", main_table_markdown(table))
+        text = replace_block(text, "headline", headline)
+        readme.write_text(text)
+    return written

@@ -153,7 +153,7 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
                ylim=(0, 1))
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
-    handles, labels = {}, []
+    handles = {}
     for ax in axes.ravel():
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)

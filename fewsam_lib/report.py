@@ -229,7 +229,8 @@ def qualitative_grid(results_dir: str | Path, index: pd.DataFrame, metrics: pd.D
     reference = fewshot.iloc[0] if len(fewshot) else runs.iloc[0]
     shown = [reference]
     for method, variants in (("sam_prompting", ["point1", "box"]), ("nnunet", None)):
-        candidates = runs[(runs.method == method) & ((runs.backbone == reference.backbone) | (method == "nnunet"))]
+        candidates = runs[(runs.method == method) & ((runs.backbone == reference.backbone) | (method == "nnunet"))
+                          & (runs.folder != reference.folder)]
         if variants is not None:
             candidates = candidates[candidates.variant.isin(variants)]
         shown += [row for _, row in candidates.sort_values(["variant", "shots"]).iterrows()]
@@ -246,19 +247,30 @@ def qualitative_grid(results_dir: str | Path, index: pd.DataFrame, metrics: pd.D
     for row_axes, (_, pick) in zip(axes, chosen.iterrows()):
         volume = load_case(manifest, pick.case_id)
         index_ = int(pick.slice_index)
+        truth = take_slice(volume.label, manifest.slice_axis, index_)
         grey = grey_slices(manifest, volume, [index_])[0]
-        _show(row_axes[0], grey, f"{pick.case_id} slice {index_}")
-        _show(row_axes[1], grey, "ground truth")
-        _draw_labels(row_axes[1], take_slice(volume.label, manifest.slice_axis, index_).T, manifest.tasks)
+        crop = _content_box(grey, truth)
+        _show(row_axes[0], grey[crop], f"{pick.case_id} slice {index_}")
+        _show(row_axes[1], grey[crop], "ground truth")
+        _draw_labels(row_axes[1], truth[crop].T, manifest.tasks)
         for ax, run in zip(row_axes[2:], shown):
             predicted = volume.read_on_canonical_grid(Path(run.folder) / "predictions" / f"{pick.case_id}.nii.gz")
             label = method_label(run.method, run.variant, run.shots, run.budget)
-            _show(ax, grey, f"{label}\n{run.backbone}" if run.backbone != "none" else label)
-            _draw_labels(ax, take_slice(predicted, manifest.slice_axis, index_).T, manifest.tasks)
+            _show(ax, grey[crop], f"{label}\n{run.backbone}" if run.backbone != "none" else label)
+            _draw_labels(ax, take_slice(predicted, manifest.slice_axis, index_)[crop].T, manifest.tasks)
     figure.suptitle(f"{dataset}: worst, median and best slice of {method_label(reference.method, reference.variant, reference.shots)} "
                     f"({reference.backbone}, seed {reference.seed}); every column is one run", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def _content_box(grey: np.ndarray, truth: np.ndarray, margin: int = 4) -> tuple[slice, slice]:
+    """The slice's body and labels with a margin (CT slices are mostly air around a small neck)."""
+    rows, columns = np.nonzero((grey > 0) | (truth > 0))
+    if not len(rows):
+        return slice(None), slice(None)
+    return (slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
+            slice(max(columns.min() - margin, 0), columns.max() + margin + 1))
 
 
 def replace_block(text: str, name: str, content: str) -> str:

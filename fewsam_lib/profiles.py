@@ -40,6 +40,14 @@ class Profile:
         """Shot counts of the few-shot matrix (the largest sets nnU-Net's matched label budget)."""
         return list((self.raw.get("fewshot") or {}).get("shots") or [])
 
+    def backbones(self, section: str) -> list[str]:
+        """A section's ``backbones``, plus its ``optional_backbones`` whose checkpoint is present."""
+        from .weights import checkpoint_available
+
+        matrix = self.raw.get(section) or {}
+        optional = [name for name in matrix.get("optional_backbones", []) if checkpoint_available(name)]
+        return list(matrix.get("backbones", [])) + optional
+
     def runs(self) -> list[PlannedRun]:
         """Every run of the profile's matrix, method by method, in a stable order."""
         planned = []
@@ -55,7 +63,7 @@ class Profile:
                                 for seed in matrix.get("seeds", [0])]
                     continue
                 planned += [PlannedRun(method, manifest, backbone, variant, seed, self.name, shots)
-                            for backbone in matrix.get("backbones", [])
+                            for backbone in self.backbones(section)
                             for variant in matrix.get("variants", [])
                             for shots in matrix.get("shots", [None])
                             for seed in matrix.get("seeds", [0])]

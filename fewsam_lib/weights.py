@@ -209,6 +209,13 @@ def installed_path(name: str) -> Path:
     return paths.weights_root() / source_of(name).filename
 
 
+def checkpoint_available(name: str) -> bool:
+    """Whether a checkpoint for ``name`` is there to use (its env var or the weights folder; unverified)."""
+    source = source_of(name)
+    explicit = os.environ.get(source.env_var)
+    return Path(explicit).expanduser().exists() if explicit else installed_path(name).exists()
+
+
 def resolve_checkpoint(name: str, checkpoint: str | Path | None = None) -> Path:
     """The verified checkpoint file for backbone ``name``.
 

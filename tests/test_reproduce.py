@@ -106,3 +106,18 @@ def test_a_summary_row_does_not_move_when_other_runs_are_added(prompting_smoke_r
     columns = ["mean", "std", "n", "ci95_low", "ci95_high"]
     kept = together[together.variant == "box"].reset_index(drop=True)
     pd.testing.assert_frame_equal(kept[columns], alone[columns].reset_index(drop=True))
+
+
+def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_present(tmp_path, monkeypatch):
+    full = load_profile("full")
+    monkeypatch.delenv("FEWSAM_SAM_VIT_B_CHECKPOINT", raising=False)
+    monkeypatch.setenv("FEWSAM_WEIGHTS", str(tmp_path / "no-weights"))
+    assert full.backbones("fewshot") == ["mobile_sam", "lite_medsam"]
+    checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
+    checkpoint.write_bytes(b"user-supplied")
+    monkeypatch.setenv("FEWSAM_SAM_VIT_B_CHECKPOINT", str(checkpoint))
+    assert full.backbones("fewshot") == ["mobile_sam", "lite_medsam", "sam_vit_b"]
+    assert {run.backbone for run in full.runs() if run.method == "sam_prompting"} == {
+        "mobile_sam", "lite_medsam", "sam_vit_b"}
+    assert {run.manifest for run in load_profile("cpu").runs()} == {
+        "data_manifests/msd_hippocampus.yaml", "data_manifests/openkbp_hn_ct.yaml"}

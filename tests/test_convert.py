@@ -167,3 +167,15 @@ def test_a_second_conversion_does_no_work(tmp_path):
     written = (destination / "imagesTr" / f"{TRAIN_PATIENT}.nii.gz").stat().st_mtime_ns
     convert_openkbp(tmp_path / "provided-data", destination, progress=False)
     assert (destination / "imagesTr" / f"{TRAIN_PATIENT}.nii.gz").stat().st_mtime_ns == written
+
+
+def test_validation_flags_a_not_annotated_task_that_has_voxels(tmp_path, openkbp):
+    from fewsam_lib.validation import validate
+
+    text = OPENKBP_MANIFEST.read_text().replace("  pt_203: [Mandible]", "  pt_201: [Mandible]\n  pt_203: [Mandible]")
+    broken = tmp_path / "openkbp.yaml"
+    broken.write_text(text)
+    report = validate(broken, progress=False)
+    assert report.cases_checked == 64
+    assert len(report.problems) == 1  # everything else of the real conversion is valid
+    assert "pt_201.nii.gz: task 'Mandible' is listed as not annotated" in report.problems[0]

@@ -246,8 +246,12 @@ def convert_openkbp(source: str | Path, destination: str | Path, case_ids: list[
         patients = [p for p in patients if p.case_id in case_ids]
     elif is_converted(destination, source):
         return destination
-    if destination.exists() and any(destination.iterdir()) and not (destination / CONVERSION_FILE).exists():
-        raise ConversionError(f"{destination}: exists and is not a fewsam conversion; choose another folder or remove it")
+    if destination.exists() and any(destination.iterdir()):
+        if not (destination / CONVERSION_FILE).exists():
+            raise ConversionError(f"{destination}: exists and is not a fewsam conversion; choose another folder or remove it")
+        if case_ids is not None:
+            raise ConversionError(f"{destination}: holds a conversion already; write a partial one (--patients) "
+                                  f"to another folder")
     destination.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
     try:

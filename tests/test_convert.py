@@ -167,6 +167,8 @@ def test_a_second_conversion_does_no_work(tmp_path):
     written = (destination / "imagesTr" / f"{TRAIN_PATIENT}.nii.gz").stat().st_mtime_ns
     convert_openkbp(tmp_path / "provided-data", destination, progress=False)
     assert (destination / "imagesTr" / f"{TRAIN_PATIENT}.nii.gz").stat().st_mtime_ns == written
+    with pytest.raises(ConversionError, match="holds a conversion already"):
+        convert_openkbp(tmp_path / "provided-data", destination, case_ids=[TRAIN_PATIENT], progress=False)
 
 
 def test_validation_flags_a_not_annotated_task_that_has_voxels(tmp_path, openkbp):

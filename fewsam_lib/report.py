@@ -134,20 +134,22 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
                  .labelled_slices.mean())
     for ax, (dataset, task) in zip(axes.ravel(), panels):
         part = iou[(iou.dataset == dataset) & (iou.task == task)]
+        ticks: set[int] = set()
         for (backbone, variant), line in part[part.method == "fewshot"].groupby(["backbone", "variant"]):
             line = line.assign(x=[slices_of.get((dataset, backbone, variant, int(s)), np.nan) for s in line.shots])
             line = line.sort_values("x")
+            ticks |= {round(x) for x in line.x if np.isfinite(x)}
             ax.errorbar(line.x, line["mean"], yerr=[line["mean"] - line.ci95_low, line.ci95_high - line["mean"]],
                         marker="o", color=colours[backbone], capsize=2, label=f"few-shot · {backbone}")
         for row in part[part.method == "nnunet"].itertuples():
+            ticks.add(int(row.shots))
             ax.errorbar([int(row.shots)], [row.mean], yerr=[[row.mean - row.ci95_low], [row.ci95_high - row.mean]],
                         marker="s", color="black", capsize=2, linestyle="none", label=row.label)
         for row in part[(part.method == "sam_prompting") & part.variant.isin(["point1", "box"])].itertuples():
             ax.axhline(row.mean, color=colours[row.backbone], linestyle=":" if row.variant == "point1" else "--",
                        linewidth=1, label=f"{row.label} · {row.backbone}")
-        ticks = sorted({round(x) for line in ax.get_lines() for x in line.get_xdata() if np.isfinite(x) and x > 0})
         ax.set_xscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)], fontsize=7)
         ax.minorticks_off()
         ax.set(title=f"{dataset} · {task}", xlabel="labelled training slices", ylabel="IoU (slices with the task)",
                ylim=(0, 1))

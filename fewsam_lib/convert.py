@@ -279,7 +279,7 @@ def convert_openkbp(source: str | Path, destination: str | Path, case_ids: list[
         (scratch / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
         (scratch / CONVERSION_FILE).write_text(json.dumps({
             "converter_version": CONVERTER_VERSION, "source": str(source),
-            "source_digest": _source_digest(find_patients(source)) if case_ids is None else None,
+            "source_digest": _source_digest(patients) if case_ids is None else None,
             "patients": [p.case_id for p in patients],
         }, indent=2) + "\n")
         if destination.exists():

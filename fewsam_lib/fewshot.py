@@ -42,7 +42,7 @@ from .manifest import Manifest, load_manifest
 from .profiles import load_profile
 from .prompting import resolve_overlaps
 from .runs import RunSpec, RunWriter, run_provenance, score_case
-from .volumes import grey_slices, load_case, slice_table, stack_slices, take_slice
+from .volumes import grey_slices, load_case, slice_table, take_slice
 
 EMBEDDING_GRID = 64
 MODEL_FORMAT = "fewsam-fewshot-decoder-v1"
@@ -269,6 +269,15 @@ class FewShotModel:
                 for embedding in embeddings
             ])
 
+    def segment_volume(self, model: Sam, embeddings: torch.Tensor, volume_shape: tuple[int, int, int], axis: int,
+                       extent: range | None = None) -> np.ndarray:
+        """A label volume from the embeddings of its slices ``extent`` (default: all); other slices background."""
+        extent = range(volume_shape[axis]) if extent is None else extent
+        slice_shape = tuple(size for i, size in enumerate(volume_shape) if i != axis)
+        labels = np.zeros(volume_shape, dtype=np.uint8)
+        np.moveaxis(labels, axis, 0)[extent.start:extent.stop] = self.segment(model, embeddings, slice_shape)
+        return labels
+
     def save(self, path: str | Path) -> Path:
         """Decoder weights and tokens in one small file (atomic write)."""
         path = Path(path)
@@ -418,14 +427,16 @@ def run_fewshot(
     predict_seconds = 0.0
     for case_id in tqdm(case_ids, desc=spec.run_id, unit="case", disable=not progress):
         volume = load_case(loaded, case_id)
-        indices = list(range(volume.image.shape[axis]))
-        slices = grey_slices(loaded, volume, indices)
+        extent = chosen_profile.scored_slices(loaded, volume)
+        writer.record_extent(case_id, extent, volume.shape[axis])
+        slices = grey_slices(loaded, volume, extent)
         case_embeddings = cache.get_many(slices, progress=progress, desc=f"encode {case_id}")
         started = time.perf_counter()
-        prediction = stack_slices(list(fewshot_model.segment(model, case_embeddings, slices[0].shape)), axis)
+        prediction = fewshot_model.segment_volume(model, case_embeddings, volume.shape, axis, extent)
         predict_seconds += time.perf_counter() - started
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}.nii.gz")
-        rows += score_case(loaded, spec, volume, prediction, slices=indices, slice_selection="all_slices")
+        rows += score_case(loaded, spec, volume, prediction, slices=list(extent), slice_selection="all_slices",
+                           extent=extent)
     return writer.finish(rows, timings={"encode": cache.stats.encode_seconds, "train": train_seconds,
                                         "predict": predict_seconds},
                          extra={"cache": cache.stats.as_dict(), "final_training_loss": history[-1],

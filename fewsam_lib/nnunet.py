@@ -264,9 +264,11 @@ def run_nnunet(
         if not output.exists():
             raise FewsamError(f"nnU-Net wrote no prediction for {case_id} ({output}); see {log}")
         prediction = volume.read_on_canonical_grid(output)
+        extent = chosen_profile.scored_slices(loaded, volume)
+        writer.record_extent(case_id, extent, volume.shape[loaded.slice_axis])
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}{FILE_ENDING}")
-        rows += score_case(loaded, spec, volume, prediction, slices=list(range(prediction.shape[loaded.slice_axis])),
-                           slice_selection="all_slices")
+        rows += score_case(loaded, spec, volume, prediction, slices=list(extent), slice_selection="all_slices",
+                           extent=extent)
     training = copy_training_record(fold_folder, writer.folder)
     return writer.finish(rows, timings=timings, extra={"nnunet_training": training})
 

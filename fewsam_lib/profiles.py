@@ -10,6 +10,7 @@ import yaml
 
 from .errors import FewsamError
 from .manifest import Manifest
+from .volumes import Volume, task_voxels_per_slice
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -19,11 +20,27 @@ class Profile:
     name: str
     description: str
     test_cases: int | None  # the first N test cases (sorted); None = all
+    test_slices: int | None  # per test case, a central slab of N slices; None = every slice
     raw: dict[str, Any]
 
     def test_case_ids(self, manifest: Manifest) -> list[str]:
         ids = sorted(manifest.case_ids("test"))
         return ids if self.test_cases is None else ids[: self.test_cases]
+
+    def scored_slices(self, manifest: Manifest, volume: Volume) -> range:
+        """The slices of a test case that runs segment and score: all, or the profile's central slab.
+
+        The slab is centred on the slices that hold any task, so a smoke run on a CT volume of
+        128 slices still meets every organ at a fraction of the encoder cost.
+        """
+        depth = volume.shape[manifest.slice_axis]
+        if self.test_slices is None or self.test_slices >= depth:
+            return range(depth)
+        counts = task_voxels_per_slice(volume.label, manifest.slice_axis, manifest.tasks)
+        labelled = counts.index[(counts > 0).any(axis=1)]
+        centre = (labelled.min() + labelled.max()) // 2 if len(labelled) else depth // 2
+        start = min(max(centre - self.test_slices // 2, 0), depth - self.test_slices)
+        return range(start, start + self.test_slices)
 
     @property
     def datasets(self) -> list[str]:
@@ -101,4 +118,4 @@ def load_profile(name: str) -> Profile:
     if not path.exists():
         raise FewsamError(f"unknown profile '{name}' (known: {', '.join(available_profiles())})")
     raw = yaml.safe_load(path.read_text())
-    return Profile(raw["name"], raw.get("description", ""), raw.get("test_cases"), raw)
+    return Profile(raw["name"], raw.get("description", ""), raw.get("test_cases"), raw.get("test_slices"), raw)

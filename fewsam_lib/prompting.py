@@ -270,8 +270,10 @@ def run_prompting(
     axis = loaded_manifest.slice_axis
     for case_id in tqdm(case_ids, desc=f"{spec.run_id}", unit="case", disable=not progress):
         volume = load_case(loaded_manifest, case_id)
+        extent = chosen_profile.scored_slices(loaded_manifest, volume)
+        writer.record_extent(case_id, extent, volume.shape[axis])
         counts = task_voxels_per_slice(volume.label, axis, loaded_manifest.tasks)
-        indices = counts.index[(counts > 0).any(axis=1)].tolist()
+        indices = [index for index in counts.index[(counts > 0).any(axis=1)] if index in extent]
         embeddings = cache.get_many(grey_slices(loaded_manifest, volume, indices), progress=progress,
                                     desc=f"encode {case_id}")
         prediction = np.zeros(volume.label.shape, dtype=np.uint8)
@@ -287,6 +289,7 @@ def run_prompting(
             np.moveaxis(prediction, axis, 0)[index] = resolve_overlaps(logits, values)
         decode_seconds += time.perf_counter() - started
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}.nii.gz")
-        rows += score_case(loaded_manifest, spec, volume, prediction, slices=indices, slice_selection="gt_slices")
+        rows += score_case(loaded_manifest, spec, volume, prediction, slices=indices, slice_selection="gt_slices",
+                           extent=extent)
     return writer.finish(rows, timings={"encode": cache.stats.encode_seconds, "decode": decode_seconds},
                          extra={"cache": cache.stats.as_dict()})

@@ -149,6 +149,11 @@ class RunWriter:
         }
         _write_json(self.folder / "run.json", self.meta)
 
+    def record_extent(self, case_id: str, extent: range, depth: int) -> None:
+        """Note in run.json (``scored_slices``: [start, stop)) when a profile limited a case to a slab."""
+        if len(extent) < depth:
+            self.meta.setdefault("scored_slices", {})[case_id] = [extent.start, extent.stop]
+
     def finish(self, rows: list[dict[str, Any]], timings: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
         frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
         partial = self.folder / ".metrics.csv.partial"
@@ -264,23 +269,26 @@ def run_provenance(manifest: Manifest, backbone: BackboneSpec) -> dict[str, Any]
 
 
 def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np.ndarray,
-               slices: list[int], slice_selection: str) -> list[dict[str, Any]]:
+               slices: list[int], slice_selection: str, extent: range | None = None) -> list[dict[str, Any]]:
     """Metric rows of one case from its canonical predicted label map.
 
-    Volume rows score the whole 3D label map; slice rows score each predicted slice (of
-    ``slices``) that contains the task in the ground truth. Tasks the case was not annotated for
-    are predicted but not scored.
+    Volume rows score the 3D label map (only the slab ``extent`` of slices when a profile limits
+    them); slice rows score each predicted slice (of ``slices``) that contains the task in the
+    ground truth. Tasks the case was not annotated for are predicted but not scored.
     """
     axis = manifest.slice_axis
     spacing_2d = tuple(s for i, s in enumerate(volume.spacing) if i != axis)
     gt_by_slice, pred_by_slice = np.moveaxis(volume.label, axis, 0), np.moveaxis(prediction, axis, 0)
+    gt_volume, predicted_volume = volume.label, prediction
+    if extent is not None and len(extent) < volume.label.shape[axis]:
+        gt_volume, predicted_volume = (np.take(array, extent, axis=axis) for array in (volume.label, prediction))
     base = {"dataset": manifest.dataset, "modality": manifest.modality, "backbone": spec.backbone,
             "method": spec.method, "variant": spec.variant, "shots": spec.shots, "seed": spec.seed,
             "profile": spec.profile, "case_id": volume.case_id, "slice_selection": slice_selection}
     rows = []
     for value, task in manifest.annotated_tasks(volume.case_id).items():
         rows.append({**base, "task": task, "level": "volume", "slice_index": None,
-                     **score(volume.label == value, prediction == value, volume.spacing).as_dict()})
+                     **score(gt_volume == value, predicted_volume == value, volume.spacing).as_dict()})
         for index in slices:
             gt = gt_by_slice[index] == value
             if gt.any():

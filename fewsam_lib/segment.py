@@ -17,7 +17,7 @@ from .cache import EmbeddingCache
 from .errors import FewsamError
 from .fewshot import FewShotModel, TrainingSettings, fit_fewshot, get_design
 from .manifest import SLICE_AXES, parse_axis, parse_intensity, parse_labels
-from .volumes import image_grey_slices, load_volume, stack_slices, take_slice
+from .volumes import image_grey_slices, load_volume, take_slice
 
 DEFAULT_INTENSITY = {"mode": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -116,7 +116,7 @@ def segment_query(
     grey = image_grey_slices(query_volume.image, parse_intensity(model.preprocessing["intensity"], str(query)),
                              axis)
     embeddings = cache.get_many(grey, progress=progress, desc="encode query")
-    prediction = stack_slices(list(model.segment(cache.backbone.model, embeddings, grey[0].shape)), axis)
+    prediction = model.segment_volume(cache.backbone.model, embeddings, query_volume.shape, axis)
     out = Path(out)
     query_volume.save_on_original_grid(prediction, out)
     return SegmentResult(out, model.tasks, support_indices,

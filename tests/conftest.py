@@ -113,13 +113,13 @@ def isolated_cache(tmp_path_factory):
 
 
 def _smoke_run(tmp_path_factory, method: str, variant: str, shots: int | None = None, backbone: str = "mobile_sam",
-               budget: str | None = None) -> Path:
+               budget: str | None = None, manifest: Path = HIPPOCAMPUS_MANIFEST) -> Path:
     """One run of the smoke profile executed through its notebook, in a results folder of its own."""
     from fewsam_lib.notebooks import run_notebook
     from fewsam_lib.profiles import PlannedRun
 
     results = tmp_path_factory.mktemp(f"{method}-results")
-    return run_notebook(PlannedRun(method, str(HIPPOCAMPUS_MANIFEST), backbone, variant, 0, "smoke", shots, budget),
+    return run_notebook(PlannedRun(method, str(manifest), backbone, variant, 0, "smoke", shots, budget),
                         results_dir=results)
 
 
@@ -158,6 +158,15 @@ def nnunet_smoke_run(nnunet_roots, tmp_path_factory) -> Path:
     return _smoke_run(tmp_path_factory, "nnunet", "2d-nnUNetTrainer_fewsamSmoke", backbone="none", budget="matched")
 
 
+@pytest.fixture(scope="session")
+def ct_smoke_runs(openkbp, nnunet_roots, tmp_path_factory) -> list[Path]:
+    """The smoke profile's three runs on head-and-neck CT (box prompts, 5 shots, nnU-Net matched)."""
+    return [_smoke_run(tmp_path_factory, "sam_prompting", "box", manifest=OPENKBP_MANIFEST),
+            _smoke_run(tmp_path_factory, "fewshot", "centred", shots=5, manifest=OPENKBP_MANIFEST),
+            _smoke_run(tmp_path_factory, "nnunet", "2d-nnUNetTrainer_fewsamSmoke", backbone="none", budget="matched",
+                       manifest=OPENKBP_MANIFEST)]
+
+
 def results_dir_of(run_folder: Path) -> Path:
     """results/runs/<dataset>/<method>/<run_id> -> results."""
     return run_folder.parents[3]
@@ -178,8 +187,9 @@ def assert_predictions_reproduce_the_metrics(run_folder: Path, manifest) -> None
         volume = load_case(manifest, case_id)
         prediction = volume.read_on_canonical_grid(run_folder / "predictions" / f"{case_id}.nii.gz")
         slices = sorted(recorded.slice_index.dropna().astype(int).unique())
+        extent = range(*meta["scored_slices"][case_id]) if case_id in meta.get("scored_slices", {}) else None
         recomputed = pd.DataFrame(score_case(manifest, spec, volume, prediction, slices,
-                                             recorded.slice_selection.iloc[0]))
+                                             recorded.slice_selection.iloc[0], extent))
         for metric in ("iou", "dice", "assd_mm", "hd95_mm"):
             np.testing.assert_allclose(recomputed[metric].to_numpy(dtype=float),
                                        recorded[metric].to_numpy(dtype=float), atol=1e-9, equal_nan=True)

@@ -32,7 +32,7 @@ from fewsam_lib.fewshot import (
 )
 from fewsam_lib.profiles import load_profile
 from fewsam_lib.runs import RunSpec, load_run, score_case
-from fewsam_lib.volumes import grey_slices, load_case, slice_table, stack_slices
+from fewsam_lib.volumes import grey_slices, load_case, slice_table
 
 
 @pytest.fixture(scope="module")
@@ -168,18 +168,17 @@ def test_same_seed_gives_identical_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_case(hippocampus):
-    """Every slice of the smoke profile's test case, with real mobile_sam embeddings."""
+    """The slices the smoke profile scores of its test case, with real mobile_sam embeddings."""
     cache = EmbeddingCache("mobile_sam")
-    case_id = load_profile("smoke").test_case_ids(hippocampus)[0]
-    volume = load_case(hippocampus, case_id)
-    slices = grey_slices(hippocampus, volume, range(volume.image.shape[2]))
-    return cache, volume, slices, cache.get_many(slices, progress=False)
+    smoke = load_profile("smoke")
+    volume = load_case(hippocampus, smoke.test_case_ids(hippocampus)[0])
+    extent = smoke.scored_slices(hippocampus, volume)
+    return cache, volume, extent, cache.get_many(grey_slices(hippocampus, volume, extent), progress=False)
 
 
-def _case_dice(hippocampus, volume, prediction) -> float:
+def _case_dice(hippocampus, volume, prediction, extent: range) -> float:
     spec = RunSpec(hippocampus.dataset, "fewshot", "centred", "mobile_sam", 0, "smoke", 5)
-    rows = pd.DataFrame(score_case(hippocampus, spec, volume, prediction, list(range(prediction.shape[2])),
-                                   "all_slices"))
+    rows = pd.DataFrame(score_case(hippocampus, spec, volume, prediction, list(extent), "all_slices", extent))
     return float(rows[rows.level == "slice"].dice.mean())
 
 
@@ -204,19 +203,20 @@ def test_fewshot_predictions_reproduce_the_recorded_metrics(fewshot_smoke_run, h
 
 def test_trained_decoder_beats_the_untrained_one_and_depends_on_its_tokens(fewshot_smoke_run, smoke_case,
                                                                            hippocampus):
-    cache, volume, slices, embeddings = smoke_case
+    cache, volume, extent, embeddings = smoke_case
     model = cache.backbone.model
     trained = FewShotModel.load(fewshot_smoke_run / MODEL_FILE, model, "mobile_sam")
 
     def predict(fewshot_model: FewShotModel) -> np.ndarray:
-        return stack_slices(list(fewshot_model.segment(model, embeddings, slices[0].shape)), 2)
+        return fewshot_model.segment_volume(model, embeddings, volume.shape, hippocampus.slice_axis, extent)
 
     prediction = predict(trained)
-    _, metrics = load_run(fewshot_smoke_run)
+    meta, metrics = load_run(fewshot_smoke_run)
+    assert meta["scored_slices"] == {volume.case_id: [extent.start, extent.stop]}
     recorded = metrics[(metrics.level == "slice") & (metrics.case_id == volume.case_id)].dice.mean()
-    assert _case_dice(hippocampus, volume, prediction) == pytest.approx(recorded)  # the saved model is the run's
+    assert _case_dice(hippocampus, volume, prediction, extent) == pytest.approx(recorded)  # the saved model is the run's
     untrained = dataclasses.replace(trained, decoder=model.mask_decoder)
-    assert recorded > _case_dice(hippocampus, volume, predict(untrained)) + 0.2
+    assert recorded > _case_dice(hippocampus, volume, predict(untrained), extent) + 0.2
 
     swapped_tokens = {"anterior": trained.tokens["posterior"], "posterior": trained.tokens["anterior"]}
     swapped = predict(dataclasses.replace(trained, tokens=swapped_tokens))

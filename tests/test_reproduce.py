@@ -18,14 +18,17 @@ from fewsam_lib.runs import IncompleteRun, summarize
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
-        prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, tmp_path):
+        prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, ct_smoke_runs, tmp_path):
     results = tmp_path / "results"
+    hippocampus_runs = [prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run]
     folders = []
-    for run_folder in (prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run):
+    for run_folder in [run for pair in zip(hippocampus_runs, ct_smoke_runs) for run in pair]:  # the matrix's order
         target = results / run_folder.relative_to(results_dir_of(run_folder))
         shutil.copytree(run_folder, target)
         folders.append(target)
-    assert [run.method for run in load_profile("smoke").runs()] == ["sam_prompting", "fewshot", "nnunet"]
+    assert [(run.method, run.manifest) for run in load_profile("smoke").runs()] == [
+        (method, f"data_manifests/{dataset}.yaml") for method in ("sam_prompting", "fewshot", "nnunet")
+        for dataset in ("msd_hippocampus", "openkbp_hn_ct")]
     stamps = [(folder / "run.json").stat().st_mtime_ns for folder in folders]
 
     assert reproduce("smoke", results, dry_run=True) == [(folder, "complete") for folder in folders]
@@ -36,13 +39,14 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     # make reproduce: one file target per run; complete runs are up to date, a missing one is planned.
     makefile = write_makefile("smoke", tmp_path / "runs-smoke.mk", results)
     assert subprocess.run(["make", "-q", "-f", str(makefile), "runs"]).returncode == 0
-    (folders[1] / ".complete").unlink()
+    (folders[3] / ".complete").unlink()
     planned = subprocess.run(["make", "-n", "-f", str(makefile), "runs"], capture_output=True, text=True).stdout
     assert planned.count("fewsam run") == 1 and "fewsam run fewshot" in planned and "--shots 5" in planned
+    assert "openkbp_hn_ct.yaml" in planned
     write_makefile("smoke", makefile, results)  # a complete run.json gets its stamp back
     assert subprocess.run(["make", "-q", "-f", str(makefile), "runs"]).returncode == 0
-    overview = results / "datasets" / "msd_hippocampus" / "00_dataset_overview.ipynb"
-    assert "slices_with_task" in overview.read_text()
+    for dataset in ("msd_hippocampus", "openkbp_hn_ct"):
+        assert "slices_with_task" in (results / "datasets" / dataset / "00_dataset_overview.ipynb").read_text()
     assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {"sam_prompting", "fewshot", "nnunet"}
     assert (results / "figures" / "prompting_iou.png").exists()
     assert (results / "figures" / "fewshot_iou_vs_shots.png").exists()
@@ -51,10 +55,12 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert "main_table.md" in (results / "report" / "smoke" / "90_report.ipynb").read_text()
     for name in REPORT_TABLES:
         assert (results / "tables" / name).stat().st_size > 0
-    for name in ("label_efficiency.png", "qualitative_msd_hippocampus.png"):
+    for name in ("label_efficiency.png", "qualitative_msd_hippocampus.png", "qualitative_openkbp_hn_ct.png"):
         assert (results / "figures" / name).exists()
     table = pd.read_csv(results / "tables" / "main_table.csv")
     assert set(table.level) == {"slice", "volume"}
+    assert set(table[table.dataset == "openkbp_hn_ct"].task) == {
+        "Brainstem", "SpinalCord", "Mandible", "LeftParotid", "RightParotid"}
     summary = pd.read_csv(results / "tables" / "summary.csv")
     few = summary[(summary.method == "fewshot") & (summary.metric == "iou") & (summary.level == "slice")]
     anterior = table[(table.task == "anterior") & (table.level == "slice") & table.label.str.startswith("few-shot")]

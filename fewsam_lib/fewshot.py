@@ -399,7 +399,7 @@ def run_fewshot(
     """
     loaded = load_manifest(manifest)
     design = get_design(variant)
-    chosen_profile = load_profile(profile)
+    chosen_profile = load_profile(profile, loaded.path)
     settings = settings or TrainingSettings(**chosen_profile.fewshot_training)
     cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device)
     spec = RunSpec(loaded.dataset, "fewshot", variant, backbone, seed, chosen_profile.name, shots)

@@ -206,7 +206,7 @@ def run_nnunet(
     continue an interrupted training from nnU-Net's latest checkpoint.
     """
     loaded = load_manifest(manifest)
-    chosen_profile = load_profile(profile)
+    chosen_profile = load_profile(profile, loaded.path)
     chosen = budget_for(loaded, budget, seed, chosen_profile)
     roots = paths.nnunet_roots()
     env = nnunet_environment(roots)

@@ -42,7 +42,7 @@ def planned_folder(run: PlannedRun, results_dir: str | Path | None = None) -> Pa
     if run.method == "nnunet":  # the folder names the labelled slices the budget holds
         from .nnunet import budget_for
 
-        shots = budget_for(manifest, run.budget, run.seed, load_profile(run.profile)).labelled_slices
+        shots = budget_for(manifest, run.budget, run.seed, load_profile(run.profile, run.manifest)).labelled_slices
     spec = RunSpec(manifest.dataset, run.method, run.variant, run.backbone, run.seed, run.profile, shots)
     return spec.folder(Path(results_dir) if results_dir else default_results_dir())
 

@@ -65,12 +65,22 @@ class Profile:
         optional = [name for name in matrix.get("optional_backbones", []) if checkpoint_available(name)]
         return list(matrix.get("backbones", [])) + optional
 
+    def for_dataset(self, manifest: str | Path) -> Profile:
+        """The profile as it applies to one dataset: its ``overrides`` entry (keyed by the
+        manifest's file name without ``.yaml``) merged into the profile, nested keys one by one."""
+        override = (self.raw.get("overrides") or {}).get(Path(manifest).stem)
+        if not override:
+            return self
+        raw = _merged(self.raw, override)
+        return Profile(self.name, self.description, raw.get("test_cases"), raw.get("test_slices"), raw)
+
     def runs(self) -> list[PlannedRun]:
         """Every run of the profile's matrix, method by method, in a stable order."""
         planned = []
         for method, section in METHOD_SECTIONS.items():
-            matrix = self.raw.get(section) or {}
             for manifest in self.datasets:
+                dataset_profile = self.for_dataset(manifest)
+                matrix = dataset_profile.raw.get(section) or {}
                 if method == "nnunet":
                     planned += [PlannedRun(method, manifest, "none", f"{configuration}-{trainer}", seed, self.name,
                                            budget=budget)
@@ -80,7 +90,7 @@ class Profile:
                                 for seed in matrix.get("seeds", [0])]
                     continue
                 planned += [PlannedRun(method, manifest, backbone, variant, seed, self.name, shots)
-                            for backbone in self.backbones(section)
+                            for backbone in dataset_profile.backbones(section)
                             for variant in matrix.get("variants", [])
                             for shots in matrix.get("shots", [None])
                             for seed in matrix.get("seeds", [0])]
@@ -109,13 +119,22 @@ class PlannedRun:
 METHOD_SECTIONS = {"sam_prompting": "prompting", "fewshot": "fewshot", "nnunet": "nnunet"}
 
 
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
 def available_profiles() -> list[str]:
     return sorted(path.stem for path in PROFILE_DIR.glob("*.yaml"))
 
 
-def load_profile(name: str) -> Profile:
+def load_profile(name: str, manifest: str | Path | None = None) -> Profile:
+    """A profile by name; with ``manifest``, as it applies to that dataset (see :meth:`Profile.for_dataset`)."""
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.exists():
         raise FewsamError(f"unknown profile '{name}' (known: {', '.join(available_profiles())})")
     raw = yaml.safe_load(path.read_text())
-    return Profile(raw["name"], raw.get("description", ""), raw.get("test_cases"), raw.get("test_slices"), raw)
+    profile = Profile(raw["name"], raw.get("description", ""), raw.get("test_cases"), raw.get("test_slices"), raw)
+    return profile.for_dataset(manifest) if manifest is not None else profile

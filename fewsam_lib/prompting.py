@@ -254,7 +254,7 @@ def run_prompting(
     """
     loaded_manifest = load_manifest(manifest)
     prompt_variant = get_variant(variant)
-    chosen_profile = load_profile(profile)
+    chosen_profile = load_profile(profile, loaded_manifest.path)
     cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device)
     spec = RunSpec(loaded_manifest.dataset, "sam_prompting", variant, backbone, seed, chosen_profile.name)
     case_ids = chosen_profile.test_case_ids(loaded_manifest)

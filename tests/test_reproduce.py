@@ -92,9 +92,9 @@ def test_readme_blocks_are_replaced_between_their_markers():
         replace_block(text, "headline", "x")
 
 
-def test_reproduce_dry_run_lists_a_missing_run_as_planned(tmp_path):
+def test_reproduce_dry_run_lists_a_missing_run_as_planned(openkbp, tmp_path):
     outcome = reproduce("smoke", tmp_path, dry_run=True)
-    assert [state for _, state in outcome] == ["planned"] * 3
+    assert [state for _, state in outcome] == ["planned"] * 6
     assert not (tmp_path / "runs").exists()
 
 
@@ -127,3 +127,12 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "mobile_sam", "lite_medsam", "sam_vit_b"}
     assert {run.manifest for run in load_profile("cpu").runs()} == {
         "data_manifests/msd_hippocampus.yaml", "data_manifests/openkbp_hn_ct.yaml"}
+
+
+def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_dataset():
+    smoke = load_profile("smoke")
+    ct = load_profile("smoke", "data_manifests/openkbp_hn_ct.yaml")
+    assert smoke.fewshot_training == {"steps": 60}
+    assert ct.fewshot_training == {"steps": 20, "slices_per_step": 1}
+    assert ct.raw["fewshot"]["shots"] == smoke.raw["fewshot"]["shots"] and ct.test_slices == smoke.test_slices == 12
+    assert load_profile("smoke", "data_manifests/msd_hippocampus.yaml").raw == smoke.raw

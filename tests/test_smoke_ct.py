@@ -16,6 +16,8 @@ def test_ct_smoke_runs_score_the_profile_slab_and_their_predictions_reproduce_th
     for folder in ct_smoke_runs:
         meta, metrics = load_run(folder)
         assert meta["dataset"] == "openkbp_hn_ct" and meta["scored_slices"] == {case_id: [extent.start, extent.stop]}
+        if meta["method"] == "fewshot":  # the profile's override for this dataset
+            assert meta["parameters"]["training"]["steps"] == 20
         assert metrics[metrics.level == "slice"].slice_index.between(extent.start, extent.stop - 1).all()
         volume_rows = metrics[metrics.level == "volume"]
         assert set(volume_rows.task) == set(openkbp.annotated_tasks(case_id).values())

@@ -192,7 +192,7 @@ def trained_model_folder(roots: dict[str, Path], dataset: str, configuration: st
 def run_nnunet(
     manifest: str | Path,
     configuration: str = "2d",
-    trainer: str = "nnUNetTrainer_5epochs",
+    trainer: str = "nnUNetTrainer_fewsam5epochs",
     budget: str = "full",
     fold: str = "all",
     seed: int = 0,
@@ -252,8 +252,16 @@ def run_nnunet(
     inputs = roots["raw"].parent / "inference" / spec.run_id
     shutil.rmtree(inputs, ignore_errors=True)
     (inputs / "imagesTs").mkdir(parents=True)
+    axis = loaded.slice_axis
+    extents: dict[str, range] = {}
     for case_id in case_ids:
-        shutil.copyfile(loaded.case(case_id).image, inputs / "imagesTs" / f"{case_id}_0000{FILE_ENDING}")
+        target = inputs / "imagesTs" / f"{case_id}_0000{FILE_ENDING}"
+        if chosen_profile.test_slices is None:
+            shutil.copyfile(loaded.case(case_id).image, target)
+            continue
+        volume = load_case(loaded, case_id)  # nnU-Net predicts only the slab the profile scores
+        extents[case_id] = chosen_profile.scored_slices(loaded, volume)
+        volume.save_image_slab(extents[case_id], axis, target)
     timings["predict"] = run_nnunet_command(
         ["nnUNetv2_predict", "-i", str(inputs / "imagesTs"), "-o", str(inputs / "predicted"), "-d", str(dataset_id),
          "-c", configuration, "-tr", trainer, "-f", fold, "-device", device, "-npp", "1", "-nps", "1"], log, env)
@@ -263,9 +271,12 @@ def run_nnunet(
         output = inputs / "predicted" / f"{case_id}{FILE_ENDING}"
         if not output.exists():
             raise FewsamError(f"nnU-Net wrote no prediction for {case_id} ({output}); see {log}")
-        prediction = volume.read_on_canonical_grid(output)
-        extent = chosen_profile.scored_slices(loaded, volume)
-        writer.record_extent(case_id, extent, volume.shape[loaded.slice_axis])
+        extent = extents.get(case_id, range(volume.shape[axis]))
+        if case_id in extents:
+            prediction = volume.read_slab_on_canonical_grid(output, extent, axis)
+            writer.record_extent(case_id, extent, volume.shape[axis])
+        else:
+            prediction = volume.read_on_canonical_grid(output)
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}{FILE_ENDING}")
         rows += score_case(loaded, spec, volume, prediction, slices=list(extent), slice_selection="all_slices",
                            extent=extent)
@@ -282,5 +293,10 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
         shutil.copyfile(fold_folder / "progress.png", run_folder / "nnunet_progress.png")
     debug = fold_folder / "debug.json"
     settings = json.loads(debug.read_text()) if debug.exists() else {}
-    return {key: settings.get(key) for key in ("num_epochs", "num_iterations_per_epoch",
-                                                "num_val_iterations_per_epoch", "batch_size", "patch_size")}
+    record = {key: settings.get(key) for key in ("num_epochs", "num_iterations_per_epoch",
+                                                  "num_val_iterations_per_epoch", "batch_size")}
+    plans = fold_folder.parent / "plans.json"  # the trained configuration's patch is not in debug.json
+    configuration = settings.get("configuration_name")
+    if plans.exists() and configuration:
+        record["patch_size"] = json.loads(plans.read_text())["configurations"].get(configuration, {}).get("patch_size")
+    return record

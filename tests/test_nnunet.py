@@ -86,3 +86,28 @@ def test_a_failed_nnunet_training_is_a_clear_error_and_leaves_the_run_incomplete
     folder = next((tmp_path / "runs").glob("*/nnunet/*"))
     with pytest.raises(IncompleteRun):
         load_run(folder)
+
+
+def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nnunet_smoke_run, hippocampus,
+                                                                               tmp_path):
+    folder = run_nnunet(str(HIPPOCAMPUS_MANIFEST), configuration="3d_fullres", trainer="nnUNetTrainer_fewsamSmoke",
+                        budget="matched", profile="smoke", results_dir=tmp_path)
+    meta, metrics = load_run(folder)
+    assert meta["variant"] == "3d_fullres-nnUNetTrainer_fewsamSmoke"
+    assert len(meta["nnunet_training"]["patch_size"]) == 3  # nnU-Net planned and trained a 3D network
+    assert meta["nnunet_dataset"] == load_run(nnunet_smoke_run)[0]["nnunet_dataset"]  # same export, new plan
+    assert set(metrics.level) == {"slice", "volume"}
+    assert_predictions_reproduce_the_metrics(folder, hippocampus)
+
+
+def test_the_cpu_trainer_runs_nnunets_five_epochs_with_a_checkpoint_after_each(nnunet_smoke_run, nnunet_roots):
+    import torch
+
+    from fewsam_lib.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochs
+
+    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
+    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # what nnUNetv2_train adds before it builds a trainer
+    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    trainer = nnUNetTrainer_fewsam5epochs(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)

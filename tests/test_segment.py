@@ -10,6 +10,8 @@ from fewsam_lib.cli import main
 from fewsam_lib.fewshot import MODEL_FILE
 from fewsam_lib.metrics import overlap
 from fewsam_lib.profiles import load_profile
+from fewsam_lib.runs import load_run
+from fewsam_lib.volumes import load_case
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +60,17 @@ def test_segment_trains_on_the_labelled_slices_writes_the_query_and_reloads(part
     assert not list(tmp_path.glob(".*partial*"))  # atomic writes left nothing behind
 
 
-def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(fewshot_smoke_run, query, tmp_path):
+def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(fewshot_smoke_run, query, hippocampus,
+                                                                          tmp_path):
     """The model file a benchmark run saves segments the same case identically through the CLI."""
     out = tmp_path / "prediction.nii.gz"
     assert _segment("--model", fewshot_smoke_run / MODEL_FILE, "--query", query.image, "--out", out) == 0
-    recorded = fewshot_smoke_run / "predictions" / f"{query.case_id}.nii.gz"
-    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), np.asarray(nib.load(recorded).dataobj))
+    volume = load_case(hippocampus, query.case_id)
+    segmented, recorded = (np.moveaxis(volume.read_on_canonical_grid(path), hippocampus.slice_axis, 0)
+                           for path in (out, fewshot_smoke_run / "predictions" / f"{query.case_id}.nii.gz"))
+    start, stop = load_run(fewshot_smoke_run)[0]["scored_slices"][query.case_id]  # the smoke profile's slab
+    np.testing.assert_array_equal(segmented[start:stop], recorded[start:stop])
+    assert not recorded[:start].any() and not recorded[stop:].any()
     truth = np.asarray(nib.load(query.label).dataobj)
     assert overlap(truth > 0, np.asarray(nib.load(out).dataobj) > 0)[1] > 0.3
 

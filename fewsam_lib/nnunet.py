@@ -252,31 +252,21 @@ def run_nnunet(
     inputs = roots["raw"].parent / "inference" / spec.run_id
     shutil.rmtree(inputs, ignore_errors=True)
     (inputs / "imagesTs").mkdir(parents=True)
-    axis = loaded.slice_axis
-    extents: dict[str, range] = {}
     for case_id in case_ids:
-        target = inputs / "imagesTs" / f"{case_id}_0000{FILE_ENDING}"
-        if chosen_profile.test_slices is None:
-            shutil.copyfile(loaded.case(case_id).image, target)
-            continue
-        volume = load_case(loaded, case_id)  # nnU-Net predicts only the slab the profile scores
-        extents[case_id] = chosen_profile.scored_slices(loaded, volume)
-        volume.save_image_slab(extents[case_id], axis, target)
+        shutil.copyfile(loaded.case(case_id).image, inputs / "imagesTs" / f"{case_id}_0000{FILE_ENDING}")
     timings["predict"] = run_nnunet_command(
         ["nnUNetv2_predict", "-i", str(inputs / "imagesTs"), "-o", str(inputs / "predicted"), "-d", str(dataset_id),
-         "-c", configuration, "-tr", trainer, "-f", fold, "-device", device, "-npp", "1", "-nps", "1"], log, env)
+         "-c", configuration, "-tr", trainer, "-f", fold, "-device", device, "-npp", "1", "-nps", "1",
+         *(["--disable_tta"] if chosen_profile.nnunet_disable_tta else [])], log, env)
     rows: list[dict] = []
     for case_id in case_ids:
         volume = load_case(loaded, case_id)
         output = inputs / "predicted" / f"{case_id}{FILE_ENDING}"
         if not output.exists():
             raise FewsamError(f"nnU-Net wrote no prediction for {case_id} ({output}); see {log}")
-        extent = extents.get(case_id, range(volume.shape[axis]))
-        if case_id in extents:
-            prediction = volume.read_slab_on_canonical_grid(output, extent, axis)
-            writer.record_extent(case_id, extent, volume.shape[axis])
-        else:
-            prediction = volume.read_on_canonical_grid(output)
+        prediction = volume.read_on_canonical_grid(output)  # nnU-Net's own 2d plane, whole volume
+        extent = chosen_profile.scored_slices(loaded, volume)
+        writer.record_extent(case_id, extent, volume.shape[loaded.slice_axis])
         volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}{FILE_ENDING}")
         rows += score_case(loaded, spec, volume, prediction, slices=list(extent), slice_selection="all_slices",
                            extent=extent)

@@ -58,6 +58,11 @@ class Profile:
         """Shot counts of the few-shot matrix (the largest sets nnU-Net's matched label budget)."""
         return list((self.raw.get("fewshot") or {}).get("shots") or [])
 
+    @property
+    def nnunet_disable_tta(self) -> bool:
+        """``nnunet.disable_tta``: predict without nnU-Net's mirroring (4x faster in 2d; smoke only)."""
+        return bool((self.raw.get("nnunet") or {}).get("disable_tta", False))
+
     def backbones(self, section: str) -> list[str]:
         """A section's ``backbones``, plus its ``optional_backbones`` whose checkpoint is present."""
         from .weights import checkpoint_available

@@ -91,24 +91,6 @@ class Volume:
                               f"expected {self.original_shape})")
         return _to_canonical(read_array(image, path, np.int32), image.affine)[0]
 
-    def save_image_slab(self, extent: range, axis: int, path: str | Path) -> None:
-        """The image's slices ``extent`` along canonical ``axis`` as a NIfTI of their own, placed in space."""
-        affine = self.affine.copy()
-        affine[:3, 3] += affine[:3, axis] * extent.start
-        nib.save(nib.Nifti1Image(np.take(self.image, extent, axis=axis), affine), str(path))
-
-    def read_slab_on_canonical_grid(self, path: str | Path, extent: range, axis: int) -> np.ndarray:
-        """A label file on the grid of :meth:`save_image_slab`, in an otherwise empty canonical volume."""
-        image = load_nifti(path)
-        slab, _, _ = _to_canonical(read_array(image, path, np.int32), image.affine)
-        expected = tuple(len(extent) if i == axis else size for i, size in enumerate(self.shape))
-        if slab.shape != expected:
-            raise VolumeError(f"{path}: not on the grid of slices {extent.start}..{extent.stop - 1} of case "
-                              f"{self.case_id} (shape {slab.shape}, expected {expected})")
-        labels = np.zeros(self.shape, dtype=np.int32)
-        np.moveaxis(labels, axis, 0)[extent.start:extent.stop] = np.moveaxis(slab, axis, 0)
-        return labels
-
     def save_on_original_grid(self, canonical_labels: np.ndarray, path: str | Path) -> None:
         """Write a canonical label array as NIfTI on the original grid (atomic: tmp file, rename)."""
         path = Path(path)

@@ -160,9 +160,9 @@ def nnunet_smoke_run(nnunet_roots, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ct_smoke_runs(openkbp, nnunet_roots, tmp_path_factory) -> list[Path]:
-    """The smoke profile's three runs on head-and-neck CT (box prompts, 5 shots, nnU-Net matched)."""
+    """The smoke profile's three runs on head-and-neck CT (box prompts, 1 shot, nnU-Net matched)."""
     return [_smoke_run(tmp_path_factory, "sam_prompting", "box", manifest=OPENKBP_MANIFEST),
-            _smoke_run(tmp_path_factory, "fewshot", "centred", shots=5, manifest=OPENKBP_MANIFEST),
+            _smoke_run(tmp_path_factory, "fewshot", "centred", shots=1, manifest=OPENKBP_MANIFEST),
             _smoke_run(tmp_path_factory, "nnunet", "2d-nnUNetTrainer_fewsamSmoke", backbone="none", budget="matched",
                        manifest=OPENKBP_MANIFEST)]
 

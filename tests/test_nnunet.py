@@ -73,6 +73,7 @@ def test_nnunet_smoke_run_is_a_complete_run_scored_by_our_metrics(nnunet_smoke_r
     assert meta["nnunet_training"]["num_epochs"] in (1, "1")
     assert set(meta["timings_s"]) >= {"plan_and_preprocess", "train", "predict"}
     assert "Epoch 0" in (nnunet_smoke_run / "nnunet_training_log.txt").read_text()
+    assert "--disable_tta" in (nnunet_smoke_run / "nnunet_commands.log").read_text()  # the smoke profile's choice
     notebook = json.loads((nnunet_smoke_run / "notebook.ipynb").read_text())
     assert any("parameters" in cell["metadata"].get("tags", []) for cell in notebook["cells"])
     assert_predictions_reproduce_the_metrics(nnunet_smoke_run, hippocampus)

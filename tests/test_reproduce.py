@@ -41,7 +41,7 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert subprocess.run(["make", "-q", "-f", str(makefile), "runs"]).returncode == 0
     (folders[3] / ".complete").unlink()
     planned = subprocess.run(["make", "-n", "-f", str(makefile), "runs"], capture_output=True, text=True).stdout
-    assert planned.count("fewsam run") == 1 and "fewsam run fewshot" in planned and "--shots 5" in planned
+    assert planned.count("fewsam run") == 1 and "fewsam run fewshot" in planned and "--shots 1" in planned
     assert "openkbp_hn_ct.yaml" in planned
     write_makefile("smoke", makefile, results)  # a complete run.json gets its stamp back
     assert subprocess.run(["make", "-q", "-f", str(makefile), "runs"]).returncode == 0
@@ -133,6 +133,7 @@ def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_data
     smoke = load_profile("smoke")
     ct = load_profile("smoke", "data_manifests/openkbp_hn_ct.yaml")
     assert smoke.fewshot_training == {"steps": 60}
-    assert ct.fewshot_training == {"steps": 20, "slices_per_step": 1}
-    assert ct.raw["fewshot"]["shots"] == smoke.raw["fewshot"]["shots"] and ct.test_slices == smoke.test_slices == 12
+    assert ct.fewshot_training == {"steps": 20, "slices_per_step": 1} and ct.fewshot_shots == [1]
+    assert smoke.fewshot_shots == [5] and ct.raw["fewshot"]["backbones"] == smoke.raw["fewshot"]["backbones"]
+    assert ct.test_slices == smoke.test_slices == 12
     assert load_profile("smoke", "data_manifests/msd_hippocampus.yaml").raw == smoke.raw

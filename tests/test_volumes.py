@@ -110,21 +110,3 @@ def test_task_voxels_per_slice_small_case():
     counts = task_voxels_per_slice(label, axis=2, tasks={1: "a", 2: "b"})
     assert counts["a"].tolist() == [0, 0, 1, 0]
     assert counts["b"].tolist() == [0, 0, 1, 1]
-
-
-def test_an_image_slab_keeps_its_place_in_space_and_reads_back_into_the_whole_volume(hippocampus, tmp_path):
-    volume = load_case(hippocampus, hippocampus.case_ids("test")[0])
-    axis, extent = hippocampus.slice_axis, range(5, 17)
-    volume.save_image_slab(extent, axis, tmp_path / "slab.nii.gz")
-    slab = nib.load(tmp_path / "slab.nii.gz")
-    np.testing.assert_array_equal(np.asarray(slab.dataobj), np.take(volume.image, extent, axis=axis))
-    first_voxel = np.zeros(4)
-    first_voxel[[axis, 3]] = extent.start, 1
-    np.testing.assert_allclose(slab.affine[:3, 3], (volume.affine @ first_voxel)[:3])
-    back = volume.read_slab_on_canonical_grid(tmp_path / "slab.nii.gz", extent, axis)
-    moved = np.moveaxis(back, axis, 0)
-    np.testing.assert_array_equal(moved[extent.start:extent.stop],
-                                  np.moveaxis(volume.image, axis, 0)[extent.start:extent.stop].astype(np.int32))
-    assert not moved[:extent.start].any() and not moved[extent.stop:].any()
-    with pytest.raises(VolumeError, match="not on the grid of slices 5..15"):
-        volume.read_slab_on_canonical_grid(tmp_path / "slab.nii.gz", range(5, 16), axis)

@@ -20,7 +20,7 @@ class Profile:
     name: str
     description: str
     test_cases: int | None  # the first N test cases (sorted); None = all
-    test_slices: int | None  # per test case, a central slab of N slices; None = every slice
+    test_slices: int | None  # per test case, a slab of N slices around its most telling slice; None = all
     raw: dict[str, Any]
 
     def test_case_ids(self, manifest: Manifest) -> list[str]:

@@ -197,8 +197,9 @@ def headline_sentences(summary: pd.DataFrame, index: pd.DataFrame) -> list[str]:
             else:
                 text += " (no one-point baseline for this backbone)"
             for row in nnunet.itertuples():
+                gap = row.mean - few["mean"]
                 text += (f"; nnU-Net trained on {row.shots} labelled slices ({row.label.split(' (')[0]}) reaches "
-                         f"{row.mean:.3f}, {row.mean - few['mean']:+.3f} IoU from few-shot")
+                         f"{row.mean:.3f}, {abs(gap):.3f} IoU {'above' if gap > 0 else 'below'} few-shot")
             if nnunet.empty:
                 text += "; no nnU-Net run yet"
             sentences.append(text + ".")

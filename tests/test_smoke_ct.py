@@ -1,4 +1,4 @@
-"""The smoke profile on head-and-neck CT: every method on a central slab of one converted patient."""
+"""The smoke profile on head-and-neck CT: every method on a slab of one converted patient."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Project nnU-Net trainers, found by nnunetv2 through ``nnUNet_extTrainer`` (set by fewsam_lib.nnunet).
 
-nnunetv2 ships ``nnUNetTrainer_<X>epochs`` (250 iterations per epoch; 6 to 20 min each on 2 CPU
+nnunetv2 ships ``nnUNetTrainer_<X>epochs`` (250 iterations per epoch; 1 to over 30 min each on 2 CPU
 cores for hippocampus 2d, depending on the batch nnU-Net plans). Two things its trainers do not
 fit: tests need a pipeline run in seconds, and the ``cpu`` profile's hours of training on a CPU
 must survive an interruption (nnunetv2 checkpoints every 50 epochs only).

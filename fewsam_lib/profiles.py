@@ -77,8 +77,7 @@ class Profile:
         override = (self.raw.get("overrides") or {}).get(Path(manifest).stem)
         if not override:
             return self
-        raw = _merged(self.raw, override)
-        return Profile(self.name, self.description, raw.get("test_cases"), raw.get("test_slices"), raw)
+        return _profile_from(_merged(self.raw, override))
 
     def runs(self) -> list[PlannedRun]:
         """Every run of the profile's matrix, method by method, in a stable order."""
@@ -132,6 +131,10 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _profile_from(raw: dict[str, Any]) -> Profile:
+    return Profile(raw["name"], raw.get("description", ""), raw.get("test_cases"), raw.get("test_slices"), raw)
+
+
 def available_profiles() -> list[str]:
     return sorted(path.stem for path in PROFILE_DIR.glob("*.yaml"))
 
@@ -141,6 +144,5 @@ def load_profile(name: str, manifest: str | Path | None = None) -> Profile:
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.exists():
         raise FewsamError(f"unknown profile '{name}' (known: {', '.join(available_profiles())})")
-    raw = yaml.safe_load(path.read_text())
-    profile = Profile(raw["name"], raw.get("description", ""), raw.get("test_cases"), raw.get("test_slices"), raw)
+    profile = _profile_from(yaml.safe_load(path.read_text()))
     return profile.for_dataset(manifest) if manifest is not None else profile

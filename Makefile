@@ -65,19 +65,18 @@ test: $(STAMP)
 
 # One file target per run (its folder's .complete stamp), generated from the profile's YAML:
 # an interrupted `make reproduce` resumes, a complete run is never recomputed, `make -j2` runs two
-# at a time. The report runs when every run is complete.
+# at a time. The report runs when every run is complete, and again only when a run changed.
 RUNS_MK := work/make/runs-$(PROFILE).mk
 
 $(RUNS_MK): fewsam_lib/profiles/$(PROFILE).yaml $(wildcard data_manifests/*.yaml) | $(STAMP)
 	$(FEWSAM) reproduce --profile $(PROFILE) --makefile $@
 
 reproduce: $(RUNS_MK)
-	$(MAKE) -f $(RUNS_MK) FEWSAM=$(abspath $(FEWSAM)) runs
-	$(FEWSAM) report --profile $(PROFILE)
+	@$(MAKE) -f $(RUNS_MK) FEWSAM=$(abspath $(FEWSAM)) report
 
 reproduce-list: $(RUNS_MK)
 	@$(MAKE) -n -s -f $(RUNS_MK) FEWSAM=$(abspath $(FEWSAM)) runs | sed -n 's|.*fewsam run|fewsam run|p'
-	@echo "($$(grep -c '^	$$(FEWSAM)' $(RUNS_MK)) runs in profile $(PROFILE); the lines above are the ones not complete)"
+	@echo "($$(grep -c '^	$$(FEWSAM) run ' $(RUNS_MK)) runs in profile $(PROFILE); the lines above are the ones not complete)"
 
 summarize: $(STAMP)
 	$(FEWSAM) summarize

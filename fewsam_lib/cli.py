@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "centred (default), raw, centred_bg")
     run.add_argument("--shots", type=int, default=None, help="fewshot: labelled slices per task")
     run.add_argument("--configuration", default="2d", help="nnunet: 2d or 3d_fullres")
-    run.add_argument("--trainer", default="nnUNetTrainer_fewsam5epochs", help="nnunet: an nnU-Net trainer class name")
+    run.add_argument("--trainer", default="nnUNetTrainer_fewsam5epochsBatch32", help="nnunet: an nnU-Net trainer class name")
     run.add_argument("--budget", default="full", choices=["full", "matched"],
                      help="nnunet: every training volume, or the few-shot collection's labelled slices")
     run.add_argument("--seed", type=int, default=0)

@@ -192,7 +192,7 @@ def trained_model_folder(roots: dict[str, Path], dataset: str, configuration: st
 def run_nnunet(
     manifest: str | Path,
     configuration: str = "2d",
-    trainer: str = "nnUNetTrainer_fewsam5epochs",
+    trainer: str = "nnUNetTrainer_fewsam5epochsBatch32",
     budget: str = "full",
     fold: str = "all",
     seed: int = 0,

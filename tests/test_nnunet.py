@@ -101,14 +101,33 @@ def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nn
     assert_predictions_reproduce_the_metrics(folder, hippocampus)
 
 
-def test_the_cpu_trainer_runs_nnunets_five_epochs_with_a_checkpoint_after_each(nnunet_smoke_run, nnunet_roots):
+def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_the_planned_batch(
+        nnunet_smoke_run, nnunet_roots):
     import torch
 
-    from fewsam_lib.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochs
+    from fewsam_lib.nnunet_trainers.fewsam_trainers import (nnUNetTrainer_fewsam5epochs,
+                                                            nnUNetTrainer_fewsam5epochsBatch32)
 
     dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
     plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False  # what nnUNetv2_train adds before it builds a trainer
     dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
-    trainer = nnUNetTrainer_fewsam5epochs(plans, "2d", 0, dataset_json, torch.device("cpu"))
-    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)
+    planned = plans["configurations"]["2d"]["batch_size"]
+    assert planned < 32  # two hippocampus volumes
+    for trainer_class in (nnUNetTrainer_fewsam5epochs, nnUNetTrainer_fewsam5epochsBatch32):
+        trainer = trainer_class(plans, "2d", 0, dataset_json, torch.device("cpu"))
+        assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)
+        trainer._set_batch_size_and_oversample()  # what initialize() calls
+        assert trainer.batch_size == planned  # a small plan is left as it is
+
+    plans["configurations"]["2d"]["batch_size"] = 292  # nnU-Net's plan for all 208 training volumes
+    assert trainer_batch(nnUNetTrainer_fewsam5epochs, plans, dataset_json) == 292
+    assert trainer_batch(nnUNetTrainer_fewsam5epochsBatch32, plans, dataset_json) == 32
+
+
+def trainer_batch(trainer_class, plans: dict, dataset_json: dict) -> int:
+    import torch
+
+    trainer = trainer_class(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    trainer._set_batch_size_and_oversample()
+    return trainer.batch_size

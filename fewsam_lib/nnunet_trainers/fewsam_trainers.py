@@ -1,9 +1,10 @@
 """Project nnU-Net trainers, found by nnunetv2 through ``nnUNet_extTrainer`` (set by fewsam_lib.nnunet).
 
-nnunetv2 ships ``nnUNetTrainer_<X>epochs`` (250 iterations per epoch; 1 to over 30 min each on 2 CPU
-cores for hippocampus 2d, depending on the batch nnU-Net plans). Two things its trainers do not
-fit: tests need a pipeline run in seconds, and the ``cpu`` profile's hours of training on a CPU
-must survive an interruption (nnunetv2 checkpoints every 50 epochs only).
+nnunetv2 ships ``nnUNetTrainer_<X>epochs`` (250 iterations per epoch). Three things its trainers do
+not fit: tests need a pipeline run in seconds; the ``cpu`` profile's hours of training on a CPU
+must survive an interruption (nnunetv2 checkpoints every 50 epochs only); and nnU-Net sizes the
+batch to a GPU's memory, so on a CPU an epoch grows with it (2d, full training splits: 292
+hippocampus slices, over 30 min per epoch on 2 cores; 154 CT slices of 128x128, over an hour).
 """
 
 import torch
@@ -39,3 +40,18 @@ class nnUNetTrainer_fewsam5epochs(_TrainedOnFoldAll):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 5
         self.save_every = 1
+
+
+class nnUNetTrainer_fewsam5epochsBatch32(nnUNetTrainer_fewsam5epochs):
+    """``nnUNetTrainer_fewsam5epochs`` with at most 32 images per batch (nnU-Net's plan otherwise
+    unchanged): the ``cpu`` profile's nnU-Net gets the same bounded work per iteration whatever
+    the dataset's size. The batch actually used is in ``debug.json`` and the run's ``run.json``."""
+
+    max_batch_size = 32
+
+    def _set_batch_size_and_oversample(self) -> None:
+        super()._set_batch_size_and_oversample()
+        if self.batch_size > self.max_batch_size:
+            self.print_to_log_file(f"{type(self).__name__}: batch of {self.batch_size} (nnU-Net's plan) "
+                                   f"capped at {self.max_batch_size}")
+            self.batch_size = self.max_batch_size

@@ -8,6 +8,8 @@ contain a task; both counts are reported.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -140,6 +143,19 @@ def nnunet_environment(roots: dict[str, Path]) -> dict[str, str]:
     return env
 
 
+def check_trainer(trainer: str, env: dict[str, str]) -> None:
+    """Fail before any export or planning when nnunetv2 cannot find ``trainer`` (its own trainers,
+    then the project's under ``nnUNet_extTrainer``), as ``nnUNetv2_train`` would much later."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with mock.patch.dict(os.environ, {"nnUNet_extTrainer": env["nnUNet_extTrainer"]}), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            recursive_find_trainer_class_by_name(trainer)
+        except RuntimeError:
+            raise FewsamError(f"unknown nnU-Net trainer '{trainer}': not in nnunetv2 nor in {TRAINER_DIR}") from None
+
+
 def run_nnunet_command(arguments: list[str], log: Path, env: dict[str, str]) -> float:
     """Run one nnunetv2 console script, its output appended to ``log``; returns its wall time."""
     executable = Path(sys.executable).with_name(arguments[0])
@@ -210,6 +226,7 @@ def run_nnunet(
     chosen = budget_for(loaded, budget, seed, chosen_profile)
     roots = paths.nnunet_roots()
     env = nnunet_environment(roots)
+    check_trainer(trainer, env)
     dataset_id = dataset_id_for(dataset_suffix(loaded, chosen), roots["raw"])
     dataset = dataset_folder_name(dataset_id, loaded, chosen)
     spec = RunSpec(loaded.dataset, "nnunet", f"{configuration}-{trainer}", "none", seed, chosen_profile.name,

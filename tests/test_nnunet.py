@@ -101,6 +101,23 @@ def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nn
     assert_predictions_reproduce_the_metrics(folder, hippocampus)
 
 
+def test_every_profiles_trainer_is_found_and_an_unknown_one_is_refused_before_any_work(nnunet_roots, tmp_path):
+    from fewsam_lib.nnunet import check_trainer, nnunet_environment
+    from fewsam_lib.paths import nnunet_roots as roots
+    from fewsam_lib.profiles import available_profiles, load_profile
+
+    env = nnunet_environment(roots())
+    for profile in available_profiles():
+        for trainer in load_profile(profile).raw["nnunet"]["trainers"]:
+            check_trainer(trainer, env)
+    check_trainer("nnUNetTrainer_5epochs", env)  # one of nnunetv2's own
+    exported = sorted((nnunet_roots / "raw").glob("*"))
+    with pytest.raises(FewsamError, match="unknown nnU-Net trainer 'nnUNetTrainer_noSuchSchedule'"):
+        run_nnunet(HIPPOCAMPUS_MANIFEST, trainer="nnUNetTrainer_noSuchSchedule", budget="matched", profile="smoke",
+                   results_dir=tmp_path / "results")
+    assert not (tmp_path / "results").exists() and sorted((nnunet_roots / "raw").glob("*")) == exported
+
+
 def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_the_planned_batch(
         nnunet_smoke_run, nnunet_roots):
     import torch

@@ -117,6 +117,16 @@ def main_table_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readable_log_ticks(ticks: set[int], min_ratio: float = 1.2) -> list[int]:
+    """Ticks for a log axis, dropping any within ``min_ratio`` of the previous one (40 and 42
+    would print on top of each other)."""
+    shown: list[int] = []
+    for tick in sorted(ticks):
+        if not shown or tick >= shown[-1] * min_ratio:
+            shown.append(tick)
+    return shown
+
+
 def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.Figure:
     """Slice-level IoU against labelled training slices, one panel per dataset and task.
 
@@ -144,12 +154,14 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
         for row in part[part.method == "nnunet"].itertuples():
             ticks.add(int(row.shots))
             ax.errorbar([int(row.shots)], [row.mean], yerr=[[row.mean - row.ci95_low], [row.ci95_high - row.mean]],
-                        marker="s", color="black", capsize=2, linestyle="none", label=row.label)
+                        marker="s", color="black", capsize=2, linestyle="none", label=row.label,
+                        markerfacecolor="black" if row.label.startswith("nnU-Net full") else "white")
         for row in part[(part.method == "sam_prompting") & part.variant.isin(["point1", "box"])].itertuples():
             ax.axhline(row.mean, color=colours[row.backbone], linestyle=":" if row.variant == "point1" else "--",
                        linewidth=1, label=f"{row.label} · {row.backbone}")
         ax.set_xscale("log")
-        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)], fontsize=7)
+        shown = readable_log_ticks(ticks)
+        ax.set_xticks(shown, [str(t) for t in shown], fontsize=7)
         ax.minorticks_off()
         ax.set(title=f"{dataset} · {task}", xlabel="labelled training slices", ylabel="IoU (slices with the task)",
                ylim=(0, 1))

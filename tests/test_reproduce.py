@@ -13,7 +13,7 @@ import pytest
 from conftest import results_dir_of
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.profiles import load_profile
-from fewsam_lib.report import REPORT_TABLES, replace_block, run_index, write_report
+from fewsam_lib.report import REPORT_TABLES, readable_log_ticks, replace_block, run_index, write_report
 from fewsam_lib.reproduce import reproduce, write_makefile
 from fewsam_lib.runs import IncompleteRun, summarize
 
@@ -102,6 +102,11 @@ def test_readme_blocks_are_replaced_between_their_markers():
     assert replace_block(text, "main_table", "new\n") == "a\n<!-- report:main_table -->\nnew\n<!-- /report:main_table -->\nb\n"
     with pytest.raises(FewsamError, match="report:headline"):
         replace_block(text, "headline", "x")
+
+
+def test_label_efficiency_ticks_that_would_overlap_are_dropped():
+    assert readable_log_ticks({42, 2, 10, 40, 5304}) == [2, 10, 40, 5304]  # the hippocampus cpu panel
+    assert readable_log_ticks(set()) == []
 
 
 def test_reproduce_dry_run_lists_a_missing_run_as_planned(openkbp, tmp_path):

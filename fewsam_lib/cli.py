@@ -1,4 +1,4 @@
-"""The ``fewsam`` command line: validate, embed, run, reproduce, report, summarize, overview, weights, data, convert.
+"""The ``fewsam`` command line: validate, embed, run, verify, reproduce, report, summarize, overview, weights, data, convert.
 
 User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
 for a bad manifest, file or checkpoint.
@@ -161,6 +161,28 @@ def _summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .runs import IncompleteRun, default_results_dir, load_run, run_folders, verify_run
+
+    folders = [Path(folder) for folder in args.runs] or run_folders(args.results or default_results_dir())
+    problems, checked = [], 0
+    for folder in tqdm(folders, desc="verify runs", unit="run", disable=args.quiet):
+        try:
+            if args.profile and load_run(folder)[0]["profile"] != args.profile:
+                continue
+            problems += verify_run(folder)
+        except IncompleteRun as error:
+            problems.append(str(error))
+        checked += 1
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{checked} runs checked: " + (f"{len(problems)} problem(s)" if problems else
+                                          "every recorded metric is reproduced from the saved predictions"))
+    return 1 if problems else 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce, write_makefile
 
@@ -307,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--results", default=None)
     summarize.add_argument("--strict", action="store_true", help="fail on an incomplete run instead of skipping it")
     summarize.set_defaults(handler=_summarize)
+
+    verify = sub.add_parser("verify", help="recompute runs' metrics from their saved predictions and compare")
+    verify.add_argument("runs", nargs="*", help="run folders (default: every run under --results)")
+    verify.add_argument("--results", default=None)
+    verify.add_argument("--profile", default=None, help="only the runs of this profile")
+    verify.add_argument("--quiet", action="store_true")
+    verify.set_defaults(handler=_verify)
 
     reproduce = sub.add_parser("reproduce", help="every run of a profile that is not complete, then the summary")
     reproduce.add_argument("--profile", default="cpu")

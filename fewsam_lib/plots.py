@@ -10,10 +10,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from . import paths
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest
 from .prompting import Prompt, get_variant, make_prompt, prompt_rng
-from .runs import METRICS, load_run
+from .runs import METRICS, load_run, manifest_of
 from .volumes import Volume, grey_slices, load_case, normalise_intensity, slice_table, take_slice, task_voxels_per_slice
 
 TASK_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
@@ -51,7 +50,7 @@ def run_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
     Prompting runs also show the prompt that produced each prediction.
     """
     meta, metrics = load_run(run_folder)
-    manifest = load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
+    manifest = manifest_of(meta)
     variant = get_variant(meta["variant"]) if meta["method"] == "sam_prompting" else None
     rows = metrics[metrics.level == "slice"].sort_values(["dice", "case_id", "slice_index"]).reset_index(drop=True)
     picks = rows.iloc[np.unique(np.linspace(0, len(rows) - 1, examples).round().astype(int))]
@@ -91,7 +90,7 @@ def _draw_prompt(ax: plt.Axes, prompt: Prompt) -> None:
 def collection_figure(run_folder: str | Path, limit: int = 10) -> plt.Figure:
     """The few-shot collection of a run: its labelled support slices (at most ``limit``)."""
     meta, _ = load_run(run_folder)
-    manifest = load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
+    manifest = manifest_of(meta)
     slices = meta["collection"]["slices"][:limit]
     columns = min(5, len(slices))
     rows = -(-len(slices) // columns)
@@ -157,7 +156,7 @@ def empty_slice_behaviour(run_folder: str | Path) -> pd.DataFrame:
     The few-shot method segments every slice, so it must also say "nothing here".
     """
     meta, metrics = load_run(run_folder)
-    manifest = load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
+    manifest = manifest_of(meta)
     axis = manifest.slice_axis
     counts = {task: [0, 0] for task in manifest.task_names}
     for case_id in metrics.case_id.unique():

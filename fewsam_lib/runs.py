@@ -295,3 +295,54 @@ def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np
                 rows.append({**base, "task": task, "level": "slice", "slice_index": index,
                              **score(gt, pred_by_slice[index] == value, spacing_2d).as_dict()})
     return rows
+
+
+def manifest_of(meta: dict[str, Any]) -> Manifest:
+    """The manifest a run was made from (``run.json`` keeps its path relative to the repository)."""
+    from .manifest import load_manifest
+
+    return load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
+
+
+RECOMPUTED_COLUMNS = ["iou", "dice", "assd_mm", "hd95_mm", "gt_voxels", "pred_voxels"]
+
+
+def verify_run(folder: str | Path, tolerance: float = 1e-9) -> list[str]:
+    """Recompute a complete run's ``metrics.csv`` from its saved predictions and the ground truth;
+    returns the disagreements (empty when every recorded number is reproduced)."""
+    from .volumes import load_case
+
+    folder = Path(folder)
+    meta, recorded = load_run(folder)
+    manifest = manifest_of(meta)
+    if manifest.sha256 != meta["data"]["manifest_sha256"]:
+        return [f"{folder}: {manifest.path} changed since the run (sha256 {manifest.sha256[:12]}, "
+                f"run made with {meta['data']['manifest_sha256'][:12]})"]
+    spec = RunSpec(meta["dataset"], meta["method"], meta["variant"], meta["backbone"], meta["seed"], meta["profile"],
+                   meta.get("shots"))
+    problems = []
+    for case_id, rows in recorded.groupby("case_id", sort=False):
+        prediction_file = folder / "predictions" / f"{case_id}.nii.gz"
+        if not prediction_file.exists():
+            problems.append(f"{folder}: no saved prediction for {case_id} ({prediction_file.name})")
+            continue
+        volume = load_case(manifest, case_id)
+        prediction = volume.read_on_canonical_grid(prediction_file)
+        slices = sorted(rows.slice_index.dropna().astype(int).unique())
+        extent = range(*meta["scored_slices"][case_id]) if case_id in meta.get("scored_slices", {}) else None
+        recomputed = pd.DataFrame(score_case(manifest, spec, volume, prediction, slices,
+                                             rows.slice_selection.iloc[0], extent))
+        recomputed["slice_index"] = recomputed["slice_index"].astype("Int64")
+        keys = ["task", "level", "slice_index"]
+        both = rows.merge(recomputed, on=keys, how="outer", suffixes=("", "_recomputed"), indicator=True)
+        for row in both[both["_merge"] != "both"].itertuples():
+            problems.append(f"{folder}: {case_id} {row.task} {row.level} slice {row.slice_index}: "
+                            f"{'recorded only' if row._merge == 'left_only' else 'not recorded'}")
+        both = both[both["_merge"] == "both"]
+        for column in RECOMPUTED_COLUMNS:
+            was, now = both[column].to_numpy(dtype=float), both[f"{column}_recomputed"].to_numpy(dtype=float)
+            differs = ~(np.isclose(was, now, rtol=0, atol=tolerance) | (np.isnan(was) & np.isnan(now)))
+            for row, old, new in zip(both[differs].itertuples(), was[differs], now[differs]):
+                problems.append(f"{folder}: {case_id} {row.task} {row.level} slice {row.slice_index}: "
+                                f"{column} recorded {old:.6g}, recomputed {new:.6g}")
+    return problems

@@ -172,24 +172,9 @@ def results_dir_of(run_folder: Path) -> Path:
     return run_folder.parents[3]
 
 
-def assert_predictions_reproduce_the_metrics(run_folder: Path, manifest) -> None:
+def assert_predictions_reproduce_the_metrics(run_folder: Path) -> None:
     """Reload a run's saved predictions and recompute its metric rows with the shared metric code."""
-    import numpy as np
-    import pandas as pd
+    from fewsam_lib.runs import verify_run
 
-    from fewsam_lib.runs import RunSpec, load_run, score_case
-    from fewsam_lib.volumes import load_case
-
-    meta, metrics = load_run(run_folder)
-    spec = RunSpec(meta["dataset"], meta["method"], meta["variant"], meta["backbone"], meta["seed"], meta["profile"],
-                   meta.get("shots"))
-    for case_id, recorded in metrics.groupby("case_id"):
-        volume = load_case(manifest, case_id)
-        prediction = volume.read_on_canonical_grid(run_folder / "predictions" / f"{case_id}.nii.gz")
-        slices = sorted(recorded.slice_index.dropna().astype(int).unique())
-        extent = range(*meta["scored_slices"][case_id]) if case_id in meta.get("scored_slices", {}) else None
-        recomputed = pd.DataFrame(score_case(manifest, spec, volume, prediction, slices,
-                                             recorded.slice_selection.iloc[0], extent))
-        for metric in ("iou", "dice", "assd_mm", "hd95_mm"):
-            np.testing.assert_allclose(recomputed[metric].to_numpy(dtype=float),
-                                       recorded[metric].to_numpy(dtype=float), atol=1e-9, equal_nan=True)
+    problems = verify_run(run_folder)
+    assert not problems, "\n".join(problems[:10])

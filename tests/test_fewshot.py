@@ -198,7 +198,7 @@ def test_fewshot_smoke_notebook_writes_a_complete_run(fewshot_smoke_run, hippoca
 
 
 def test_fewshot_predictions_reproduce_the_recorded_metrics(fewshot_smoke_run, hippocampus):
-    assert_predictions_reproduce_the_metrics(fewshot_smoke_run, hippocampus)
+    assert_predictions_reproduce_the_metrics(fewshot_smoke_run)
 
 
 def test_trained_decoder_beats_the_untrained_one_and_depends_on_its_tokens(fewshot_smoke_run, smoke_case,

@@ -76,7 +76,7 @@ def test_nnunet_smoke_run_is_a_complete_run_scored_by_our_metrics(nnunet_smoke_r
     assert "--disable_tta" in (nnunet_smoke_run / "nnunet_commands.log").read_text()  # the smoke profile's choice
     notebook = json.loads((nnunet_smoke_run / "notebook.ipynb").read_text())
     assert any("parameters" in cell["metadata"].get("tags", []) for cell in notebook["cells"])
-    assert_predictions_reproduce_the_metrics(nnunet_smoke_run, hippocampus)
+    assert_predictions_reproduce_the_metrics(nnunet_smoke_run)
 
 
 def test_a_failed_nnunet_training_is_a_clear_error_and_leaves_the_run_incomplete(nnunet_smoke_run, tmp_path):
@@ -98,7 +98,7 @@ def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nn
     assert len(meta["nnunet_training"]["patch_size"]) == 3  # nnU-Net planned and trained a 3D network
     assert meta["nnunet_dataset"] == load_run(nnunet_smoke_run)[0]["nnunet_dataset"]  # same export, new plan
     assert set(metrics.level) == {"slice", "volume"}
-    assert_predictions_reproduce_the_metrics(folder, hippocampus)
+    assert_predictions_reproduce_the_metrics(folder)
 
 
 def test_every_profiles_trainer_is_found_and_an_unknown_one_is_refused_before_any_work(nnunet_roots, tmp_path):

@@ -151,7 +151,7 @@ def test_smoke_notebook_writes_a_complete_run(smoke_run, hippocampus):
 
 
 def test_predictions_reload_and_reproduce_the_recorded_metrics(prompting_smoke_run, hippocampus):
-    assert_predictions_reproduce_the_metrics(prompting_smoke_run, hippocampus)
+    assert_predictions_reproduce_the_metrics(prompting_smoke_run)
 
 
 def test_box_prompt_beats_a_random_mask_control(smoke_run, hippocampus):

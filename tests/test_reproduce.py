@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 
 from conftest import results_dir_of
+from fewsam_lib.cli import main
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.profiles import load_profile
 from fewsam_lib.report import REPORT_TABLES, readable_log_ticks, replace_block, run_index, write_report
 from fewsam_lib.reproduce import reproduce, write_makefile
-from fewsam_lib.runs import IncompleteRun, summarize
+from fewsam_lib.runs import IncompleteRun, summarize, verify_run
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
@@ -95,6 +96,31 @@ def test_report_refuses_an_incomplete_run(prompting_smoke_run, tmp_path):
         write_report(results, "smoke")
     with pytest.raises(FewsamError, match="no complete runs of profile cpu"):
         run_index(tmp_path / "empty", "cpu")
+
+
+def test_verify_catches_an_edited_number_a_changed_prediction_and_a_missing_one(prompting_smoke_run, tmp_path,
+                                                                                capsys):
+    import nibabel as nib
+    import numpy as np
+
+    folder = tmp_path / prompting_smoke_run.name
+    shutil.copytree(prompting_smoke_run, folder)
+    assert verify_run(folder) == []
+    recorded = (folder / "metrics.csv").read_text()
+    metrics = pd.read_csv(folder / "metrics.csv")
+    metrics.loc[metrics.level == "slice", "iou"] = metrics.loc[metrics.level == "slice", "iou"].shift(1, fill_value=0.5)
+    metrics.to_csv(folder / "metrics.csv", index=False)
+    problems = verify_run(folder)
+    assert problems and all("iou recorded" in problem for problem in problems)
+    assert main(["verify", str(folder), "--quiet"]) == 1 and "iou recorded" in capsys.readouterr().err
+
+    (folder / "metrics.csv").write_text(recorded)
+    prediction_file = next((folder / "predictions").glob("*.nii.gz"))
+    image = nib.load(prediction_file)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, dtype=np.uint8), image.affine, image.header), prediction_file)
+    assert any("pred_voxels recorded" in problem for problem in verify_run(folder))
+    prediction_file.unlink()
+    assert verify_run(folder) == [f"{folder}: no saved prediction for {prediction_file.name[:-7]} ({prediction_file.name})"]
 
 
 def test_readme_blocks_are_replaced_between_their_markers():

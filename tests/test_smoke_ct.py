@@ -21,7 +21,7 @@ def test_ct_smoke_runs_score_the_profile_slab_and_their_predictions_reproduce_th
         assert metrics[metrics.level == "slice"].slice_index.between(extent.start, extent.stop - 1).all()
         volume_rows = metrics[metrics.level == "volume"]
         assert set(volume_rows.task) == set(openkbp.annotated_tasks(case_id).values())
-        assert_predictions_reproduce_the_metrics(folder, openkbp)
+        assert_predictions_reproduce_the_metrics(folder)
 
 
 def test_box_prompts_find_the_organs_on_ct(ct_smoke_runs):

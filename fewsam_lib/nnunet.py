@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -261,8 +262,10 @@ def run_nnunet(
              "--verify_dataset_integrity", "-np", "2"], log, env)
     model_folder = trained_model_folder(roots, dataset, configuration, trainer)
     fold_folder = model_folder / f"fold_{fold}"
+    trained_from_scratch = False
     if not (fold_folder / "checkpoint_final.pth").exists():
         resume = ["--c"] if (fold_folder / "checkpoint_latest.pth").exists() else []
+        trained_from_scratch = not resume
         timings["train"] = run_nnunet_command(
             ["nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", device, *resume],
             log, env)
@@ -288,11 +291,14 @@ def run_nnunet(
         rows += score_case(loaded, spec, volume, prediction, slices=list(extent), slice_selection="all_slices",
                            extent=extent)
     training = copy_training_record(fold_folder, writer.folder)
+    if not trained_from_scratch:  # finished or begun by an earlier call: its time is in nnU-Net's logs
+        timings["train"] = sum(training["epoch_seconds"])
     return writer.finish(rows, timings=timings, extra={"nnunet_training": training})
 
 
 def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
-    """nnU-Net's training log and curve into the run folder; the schedule it actually ran."""
+    """nnU-Net's training log and curve into the run folder; the schedule it actually ran and the
+    wall time of each finished epoch."""
     logs = sorted(fold_folder.glob("training_log_*.txt"))
     if logs:
         shutil.copyfile(logs[-1], run_folder / "nnunet_training_log.txt")
@@ -302,6 +308,9 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     settings = json.loads(debug.read_text()) if debug.exists() else {}
     record = {key: settings.get(key) for key in ("num_epochs", "num_iterations_per_epoch",
                                                   "num_val_iterations_per_epoch", "batch_size")}
+    # Every epoch nnU-Net finished, over all its logs (an interrupted training continues in a new one).
+    record["epoch_seconds"] = [float(seconds) for log in logs
+                               for seconds in re.findall(r"Epoch time: ([0-9.]+) s", log.read_text())]
     plans = fold_folder.parent / "plans.json"  # the trained configuration's patch is not in debug.json
     configuration = settings.get("configuration_name")
     if plans.exists() and configuration:

@@ -79,11 +79,23 @@ def test_nnunet_smoke_run_is_a_complete_run_scored_by_our_metrics(nnunet_smoke_r
     assert_predictions_reproduce_the_metrics(nnunet_smoke_run)
 
 
+def test_a_rerun_after_training_predicts_again_and_takes_the_training_time_from_nnunets_log(nnunet_smoke_run,
+                                                                                              tmp_path):
+    first, _ = load_run(nnunet_smoke_run)
+    assert len(first["nnunet_training"]["epoch_seconds"]) == int(first["nnunet_training"]["num_epochs"]) == 1
+    folder = run_nnunet(HIPPOCAMPUS_MANIFEST, trainer="nnUNetTrainer_fewsamSmoke", budget="matched", profile="smoke",
+                        results_dir=tmp_path)
+    again, metrics = load_run(folder)
+    assert "plan_and_preprocess" not in again["timings_s"]  # nothing of nnU-Net's work was redone
+    assert again["timings_s"]["train"] == pytest.approx(sum(first["nnunet_training"]["epoch_seconds"]))
+    assert again["nnunet_dataset"] == first["nnunet_dataset"] and set(metrics.level) == {"slice", "volume"}
+
+
 def test_a_failed_nnunet_training_is_a_clear_error_and_leaves_the_run_incomplete(nnunet_smoke_run, tmp_path):
     with pytest.raises(FewsamError, match="nnUNetv2_train failed with exit code") as error:
-        run_nnunet(str(HIPPOCAMPUS_MANIFEST), trainer="nnUNetTrainer_doesNotExist", budget="matched",
-                   profile="smoke", results_dir=tmp_path)
-    assert "nnUNetTrainer_doesNotExist" in str(error.value)  # the end of nnU-Net's own output
+        run_nnunet(str(HIPPOCAMPUS_MANIFEST), trainer="nnUNetTrainer_fewsam5epochs", budget="matched",
+                   profile="smoke", results_dir=tmp_path, device="tpu")
+    assert "-device must be either cpu, mps or cuda" in str(error.value)  # the end of nnU-Net's own output
     folder = next((tmp_path / "runs").glob("*/nnunet/*"))
     with pytest.raises(IncompleteRun):
         load_run(folder)
@@ -120,31 +132,29 @@ def test_every_profiles_trainer_is_found_and_an_unknown_one_is_refused_before_an
 
 def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_the_planned_batch(
         nnunet_smoke_run, nnunet_roots):
-    import torch
-
     from fewsam_lib.nnunet_trainers.fewsam_trainers import (nnUNetTrainer_fewsam5epochs,
                                                             nnUNetTrainer_fewsam5epochsBatch32)
 
     dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
     plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False  # what nnUNetv2_train adds before it builds a trainer
     dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
     planned = plans["configurations"]["2d"]["batch_size"]
     assert planned < 32  # two hippocampus volumes
     for trainer_class in (nnUNetTrainer_fewsam5epochs, nnUNetTrainer_fewsam5epochsBatch32):
-        trainer = trainer_class(plans, "2d", 0, dataset_json, torch.device("cpu"))
+        trainer = build_trainer(trainer_class, plans, dataset_json)
         assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)
-        trainer._set_batch_size_and_oversample()  # what initialize() calls
         assert trainer.batch_size == planned  # a small plan is left as it is
 
     plans["configurations"]["2d"]["batch_size"] = 292  # nnU-Net's plan for all 208 training volumes
-    assert trainer_batch(nnUNetTrainer_fewsam5epochs, plans, dataset_json) == 292
-    assert trainer_batch(nnUNetTrainer_fewsam5epochsBatch32, plans, dataset_json) == 32
+    assert build_trainer(nnUNetTrainer_fewsam5epochs, plans, dataset_json).batch_size == 292
+    assert build_trainer(nnUNetTrainer_fewsam5epochsBatch32, plans, dataset_json).batch_size == 32
 
 
-def trainer_batch(trainer_class, plans: dict, dataset_json: dict) -> int:
+def build_trainer(trainer_class, plans: dict, dataset_json: dict):
+    """A trainer as nnUNetv2_train builds it, with the batch set as initialize() sets it."""
     import torch
 
-    trainer = trainer_class(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    # nnUNetv2_train adds continue_training to the plans; the trainer pops it
+    trainer = trainer_class({**plans, "continue_training": False}, "2d", 0, dataset_json, torch.device("cpu"))
     trainer._set_batch_size_and_oversample()
-    return trainer.batch_size
+    return trainer

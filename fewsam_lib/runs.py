@@ -328,16 +328,18 @@ def verify_run(folder: str | Path, tolerance: float = 1e-9) -> list[str]:
             continue
         volume = load_case(manifest, case_id)
         prediction = volume.read_on_canonical_grid(prediction_file)
-        slices = sorted(rows.slice_index.dropna().astype(int).unique())
         extent = range(*meta["scored_slices"][case_id]) if case_id in meta.get("scored_slices", {}) else None
+        # Every scored slice: score_case keeps those that show a task (the prompted ones, for prompting runs).
+        slices = list(extent or range(volume.label.shape[manifest.slice_axis]))
         recomputed = pd.DataFrame(score_case(manifest, spec, volume, prediction, slices,
                                              rows.slice_selection.iloc[0], extent))
         recomputed["slice_index"] = recomputed["slice_index"].astype("Int64")
         keys = ["task", "level", "slice_index"]
         both = rows.merge(recomputed, on=keys, how="outer", suffixes=("", "_recomputed"), indicator=True)
-        for row in both[both["_merge"] != "both"].itertuples():
-            problems.append(f"{folder}: {case_id} {row.task} {row.level} slice {row.slice_index}: "
-                            f"{'recorded only' if row._merge == 'left_only' else 'not recorded'}")
+        unmatched = both[both["_merge"] != "both"]
+        for task, level, index, side in zip(unmatched.task, unmatched.level, unmatched.slice_index, unmatched["_merge"]):
+            problems.append(f"{folder}: {case_id} {task} {level} slice {index}: "
+                            f"{'recorded only' if side == 'left_only' else 'not recorded'}")
         both = both[both["_merge"] == "both"]
         for column in RECOMPUTED_COLUMNS:
             was, now = both[column].to_numpy(dtype=float), both[f"{column}_recomputed"].to_numpy(dtype=float)

@@ -98,7 +98,7 @@ def test_report_refuses_an_incomplete_run(prompting_smoke_run, tmp_path):
         run_index(tmp_path / "empty", "cpu")
 
 
-def test_verify_catches_an_edited_number_a_changed_prediction_and_a_missing_one(prompting_smoke_run, tmp_path,
+def test_verify_catches_an_edited_number_a_dropped_row_a_changed_prediction_and_a_missing_one(prompting_smoke_run, tmp_path,
                                                                                 capsys):
     import nibabel as nib
     import numpy as np
@@ -113,6 +113,13 @@ def test_verify_catches_an_edited_number_a_changed_prediction_and_a_missing_one(
     problems = verify_run(folder)
     assert problems and all("iou recorded" in problem for problem in problems)
     assert main(["verify", str(folder), "--quiet"]) == 1 and "iou recorded" in capsys.readouterr().err
+
+    (folder / "metrics.csv").write_text(recorded)
+    metrics = pd.read_csv(folder / "metrics.csv", dtype={"case_id": str})
+    dropped = metrics[metrics.level == "slice"].index[0]
+    metrics.drop(index=[dropped]).to_csv(folder / "metrics.csv", index=False)
+    assert verify_run(folder) == [f"{folder}: {metrics.case_id[dropped]} {metrics.task[dropped]} slice slice "
+                                  f"{int(metrics.slice_index[dropped])}: not recorded"]
 
     (folder / "metrics.csv").write_text(recorded)
     prediction_file = next((folder / "predictions").glob("*.nii.gz"))

@@ -98,8 +98,8 @@ def test_report_refuses_an_incomplete_run(prompting_smoke_run, tmp_path):
         run_index(tmp_path / "empty", "cpu")
 
 
-def test_verify_catches_an_edited_number_a_dropped_row_a_changed_prediction_and_a_missing_one(prompting_smoke_run, tmp_path,
-                                                                                capsys):
+def test_verify_catches_an_edited_number_a_dropped_row_a_changed_prediction_and_a_missing_one(
+        prompting_smoke_run, tmp_path, capsys):
     import nibabel as nib
     import numpy as np
 

@@ -4,7 +4,7 @@ nnunetv2 ships ``nnUNetTrainer_<X>epochs`` (250 iterations per epoch). Three thi
 not fit: tests need a pipeline run in seconds; the ``cpu`` profile's hours of training on a CPU
 must survive an interruption (nnunetv2 checkpoints every 50 epochs only); and nnU-Net sizes the
 batch to a GPU's memory, so on a CPU an epoch grows with it (2d, full training splits: 292
-hippocampus slices, over 30 min per epoch on 2 cores; 154 CT slices of 128x128, over an hour).
+hippocampus slices, over 30 min per epoch on 2 cores; 154 CT slices of 128x128, about two hours by an estimate from a timed step).
 """
 
 import torch

@@ -237,7 +237,7 @@ def run_nnunet(
         spec, results_dir,
         parameters={"manifest": paths.display(loaded.path), "configuration": configuration, "trainer": trainer,
                     "budget": budget, "fold": fold, "seed": seed, "profile": chosen_profile.name, "device": device,
-                    "test_cases": case_ids},
+                    "test_time_mirroring": not chosen_profile.nnunet_disable_tta, "test_cases": case_ids},
         provenance={"data": loaded.summary(),
                     "label_budget": {"name": chosen.name, "volumes": len(chosen.case_ids),
                                      "labelled_slices": chosen.labelled_slices,

@@ -235,6 +235,15 @@ def cost_table(index: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=columns)
 
 
+def cost_table_markdown(costs: pd.DataFrame) -> str:
+    shown = costs.astype(object).where(costs.notna(), None)  # tabulate prints None as its missingval
+    return (shown.to_markdown(index=False, floatfmt=".2f", missingval="—") + "\n\n"
+            "Seconds, means over runs. —: the run had no such step, or did it in an earlier call (a warm cache "
+            "encodes nothing; an nnU-Net run that resumed after planning). Run total: the wall time of the call "
+            "that completed the run; nnU-Net training that began in an earlier call is the sum of its epochs' "
+            "times, counted in the training column only.\n")
+
+
 def qualitative_grid(results_dir: str | Path, index: pd.DataFrame, metrics: pd.DataFrame, dataset: str,
                      picks: int = 3) -> plt.Figure:
     """The same slices for every method: worst, median and best slice (mean IoU over tasks) of the
@@ -319,7 +328,7 @@ def write_report(results_dir: str | Path | None = None, profile: str | None = "c
     (tables / "headline.md").write_text(headline)
     costs = cost_table(index)
     costs.to_csv(tables / "cost_table.csv", index=False, float_format="%.3f")
-    (tables / "cost_table.md").write_text(costs.to_markdown(index=False, floatfmt=".2f") + "\n")
+    (tables / "cost_table.md").write_text(cost_table_markdown(costs))
     written.update({name: tables / name for name in REPORT_TABLES})
 
     figure = label_efficiency_figure(summary, index)

@@ -84,6 +84,8 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     costs = pd.read_csv(results / "tables" / "cost_table.csv")
     trained = costs[costs.label.str.startswith(("few-shot", "nnU-Net"))]
     assert costs["nnU-Net plan + preprocess"].notna().any() and trained["decoder / nnU-Net training"].notna().all()
+    shown_costs = (results / "tables" / "cost_table.md").read_text()
+    assert "—" in shown_costs and "nan" not in shown_costs  # a step a run did not have is a dash, not "nan"
 
 
 def test_report_refuses_an_incomplete_run(prompting_smoke_run, tmp_path):

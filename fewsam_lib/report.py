@@ -64,7 +64,8 @@ def method_label(method: str, variant: str, shots, budget: str | None = None) ->
         return f"few-shot {int(shots)} shot{'s' if int(shots) != 1 else ''}{design}"
     if method == "nnunet":
         kind = "full" if budget == "full" else "matched budget"
-        return f"nnU-Net {kind} ({int(shots)} slices, {variant.split('-')[0]})"
+        slices = f"{int(shots)} slices, " if shots is not None else ""
+        return f"nnU-Net {kind} ({slices}{variant.split('-')[0]})"
     return f"{method} {variant}"
 
 
@@ -86,9 +87,9 @@ def labelled_summary(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame
     budgets = _budgets(index)
     frame = summary.copy()
     frame["shots"] = frame["shots"].map(lambda v: "" if pd.isna(v) or v == "" else str(int(float(v))))
-    frame["label"] = [method_label(r.method, r.variant, r.shots or None,
-                                   budgets.get((r.dataset, r.variant, int(r.shots))) if r.method == "nnunet" else None)
-                      for r in frame.itertuples()]
+    frame["budget"] = [budgets.get((r.dataset, r.variant, int(r.shots))) if r.method == "nnunet" else None
+                       for r in frame.itertuples()]
+    frame["label"] = [method_label(r.method, r.variant, r.shots or None, r.budget) for r in frame.itertuples()]
     frame["order"] = frame.apply(_method_order, axis=1)
     return frame.sort_values(["dataset", "level", "task", "order", "backbone"]).reset_index(drop=True)
 
@@ -154,8 +155,10 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
         for row in part[part.method == "nnunet"].itertuples():
             ticks.add(int(row.shots))
             ax.errorbar([int(row.shots)], [row.mean], yerr=[[row.mean - row.ci95_low], [row.ci95_high - row.mean]],
-                        marker="s", color="black", capsize=2, linestyle="none", label=row.label,
-                        markerfacecolor="black" if row.label.startswith("nnU-Net full") else "white")
+                        marker="s", color="black", capsize=2, linestyle="none",
+                        # the slice count is the point's x tick; one legend entry serves every dataset
+                        label=method_label(row.method, row.variant, None, row.budget),
+                        markerfacecolor="black" if row.budget == "full" else "white")
         for row in part[(part.method == "sam_prompting") & part.variant.isin(["point1", "box"])].itertuples():
             ax.axhline(row.mean, color=colours[row.backbone], linestyle=":" if row.variant == "point1" else "--",
                        linewidth=1, label=f"{row.label} · {row.backbone}")

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +15,7 @@ from conftest import results_dir_of
 from fewsam_lib.cli import main
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.profiles import load_profile
-from fewsam_lib.report import REPORT_TABLES, readable_log_ticks, replace_block, run_index, write_report
+from fewsam_lib.report import REPORT_TABLES, label_efficiency_figure, readable_log_ticks, replace_block, run_index, write_report
 from fewsam_lib.reproduce import reproduce, write_makefile
 from fewsam_lib.runs import IncompleteRun, summarize, verify_run
 
@@ -142,6 +143,19 @@ def test_readme_blocks_are_replaced_between_their_markers():
 def test_label_efficiency_ticks_that_would_overlap_are_dropped():
     assert readable_log_ticks({42, 2, 10, 40, 5304}) == [2, 10, 40, 5304]  # the hippocampus cpu panel
     assert readable_log_ticks(set()) == []
+
+
+def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(tmp_path):
+    committed = Path(__file__).resolve().parents[1] / "results"
+    matched = [folder for folder in sorted((committed / "runs").glob("*/nnunet/*_cpu"))
+               if json.loads((folder / "run.json").read_text()).get("label_budget", {}).get("name") != "full"]
+    assert {folder.parts[-3] for folder in matched} == {"msd_hippocampus", "openkbp_hn_ct"}  # committed cpu runs
+    for folder in matched:
+        shutil.copytree(folder, tmp_path / folder.relative_to(committed))
+    figure = label_efficiency_figure(summarize(tmp_path), run_index(tmp_path))
+    assert [text.get_text() for text in figure.legends[0].texts] == ["nnU-Net matched budget (2d)"]
+    ticks = {tick.get_text() for ax in figure.axes for tick in ax.get_xticklabels()}
+    assert {"42", "158"} <= ticks  # the slice counts moved from the legend to each point's tick
 
 
 def test_reproduce_dry_run_lists_a_missing_run_as_planned(openkbp, tmp_path):

@@ -254,12 +254,17 @@ def run_nnunet(
     log = writer.folder / "nnunet_commands.log"
     log.write_text("")
     timings: dict[str, float] = {}
-    if not (roots["preprocessed"] / dataset / f"{PLANS}_{configuration}").is_dir():
+    preprocessed_marker = roots["preprocessed"] / dataset / f".fewsam_preprocessed_{configuration}"
+    if not preprocessed_marker.exists():
+        # nnU-Net writes its preprocessed cases one by one: a folder left by an interrupted call
+        # holds some of them, so only the marker written after success counts as done.
+        shutil.rmtree(roots["preprocessed"] / dataset / f"{PLANS}_{configuration}", ignore_errors=True)
         if not plans.exists():
             export_raw_dataset(loaded, chosen, dataset_id, roots["raw"])
         timings["plan_and_preprocess"] = run_nnunet_command(
             ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration,
              "--verify_dataset_integrity", "-np", "2"], log, env)
+        preprocessed_marker.write_text(f"nnUNetv2_plan_and_preprocess -c {configuration} finished\n")
     model_folder = trained_model_folder(roots, dataset, configuration, trainer)
     fold_folder = model_folder / f"fold_{fold}"
     trained_from_scratch = False

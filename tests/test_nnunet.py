@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,20 @@ def test_a_rerun_after_training_predicts_again_and_takes_the_training_time_from_
     assert again["nnunet_dataset"] == first["nnunet_dataset"] and set(metrics.level) == {"slice", "volume"}
 
 
+def test_a_preprocessing_cut_short_is_redone_not_trusted(nnunet_smoke_run, nnunet_roots, tmp_path):
+    preprocessed = nnunet_roots / "preprocessed" / load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
+    marker = preprocessed / ".fewsam_preprocessed_2d"
+    assert marker.exists()
+    # What a call killed inside nnUNetv2_plan_and_preprocess leaves: the folder, a case missing, no marker.
+    marker.unlink()
+    missing = sorted((preprocessed / "nnUNetPlans_2d").iterdir())[0]
+    missing.unlink()
+    folder = run_nnunet(HIPPOCAMPUS_MANIFEST, trainer="nnUNetTrainer_fewsamSmoke", budget="matched", profile="smoke",
+                        results_dir=tmp_path)
+    assert "plan_and_preprocess" in load_run(folder)[0]["timings_s"]
+    assert missing.exists() and marker.exists()
+
+
 def test_a_failed_nnunet_training_is_a_clear_error_and_leaves_the_run_incomplete(nnunet_smoke_run, tmp_path):
     with pytest.raises(FewsamError, match="nnUNetv2_train failed with exit code") as error:
         run_nnunet(str(HIPPOCAMPUS_MANIFEST), trainer="nnUNetTrainer_fewsam5epochs", budget="matched",
@@ -148,6 +163,32 @@ def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_t
     plans["configurations"]["2d"]["batch_size"] = 292  # nnU-Net's plan for all 208 training volumes
     assert build_trainer(nnUNetTrainer_fewsam5epochs, plans, dataset_json).batch_size == 292
     assert build_trainer(nnUNetTrainer_fewsam5epochsBatch32, plans, dataset_json).batch_size == 32
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(nnunet_smoke_run, nnunet_roots, tmp_path,
+                                                                          monkeypatch):
+    import torch
+
+    from fewsam_lib.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochs
+
+    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
+    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    trainer = build_trainer(nnUNetTrainer_fewsam5epochs, plans, dataset_json)
+    trainer.initialize()
+    checkpoint = tmp_path / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(checkpoint))
+    written = checkpoint.read_bytes()
+    assert torch.load(checkpoint, weights_only=False)["trainer_name"] == "nnUNetTrainer_fewsam5epochs"
+
+    def dies_while_writing(obj, target, *args, **kwargs):
+        Path(target).write_bytes(written[:100])
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_while_writing)
+    with pytest.raises(OSError, match="killed while writing"):
+        trainer.save_checkpoint(str(checkpoint))
+    assert checkpoint.read_bytes() == written
 
 
 def build_trainer(trainer_class, plans: dict, dataset_json: dict):

@@ -7,6 +7,8 @@ batch to a GPU's memory, so on a CPU an epoch grows with it (2d, full training s
 hippocampus slices, over 30 min per epoch on 2 cores; 154 CT slices of 128x128, about two hours by an estimate from a timed step).
 """
 
+import os
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -18,6 +20,14 @@ class _TrainedOnFoldAll(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         self.print_to_log_file(f"{type(self).__name__}: final validation on the training volumes skipped")
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written beside and then renamed: a run killed while writing keeps
+        its previous checkpoint, which ``--c`` can load, instead of a truncated one."""
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.exists(partial):  # nnU-Net writes nothing on other ranks or with checkpointing off
+            os.replace(partial, filename)
 
 
 class nnUNetTrainer_fewsamSmoke(_TrainedOnFoldAll):

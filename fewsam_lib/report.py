@@ -249,8 +249,9 @@ def cost_table_markdown(costs: pd.DataFrame) -> str:
 
 def qualitative_grid(results_dir: str | Path, index: pd.DataFrame, metrics: pd.DataFrame, dataset: str,
                      picks: int = 3) -> plt.Figure:
-    """The same slices for every method: worst, median and best slice (mean IoU over tasks) of the
-    reference run (few-shot with most shots, seed 0, first backbone), with each method's prediction."""
+    """The same slices for every method: the worst, median and best slice by IoU averaged over the
+    tasks and the runs shown (few-shot with most shots, seed 0, first backbone; SAM with one point and
+    with a box on that backbone; nnU-Net), with each run's prediction."""
     runs = index[index.dataset == dataset]
     fewshot = runs[runs.method == "fewshot"].sort_values(["shots", "backbone", "seed"], ascending=[False, True, True])
     reference = fewshot.iloc[0] if len(fewshot) else runs.iloc[0]
@@ -261,13 +262,8 @@ def qualitative_grid(results_dir: str | Path, index: pd.DataFrame, metrics: pd.D
         if variants is not None:
             candidates = candidates[candidates.variant.isin(variants)]
         shown += [row for _, row in candidates.sort_values(["variant", "shots"]).iterrows()]
-    ref_rows = metrics[(metrics.dataset == dataset) & (metrics.level == "slice")]
-    ref_rows = ref_rows[(ref_rows.method == reference.method) & (ref_rows.variant == reference.variant)
-                        & (ref_rows.backbone == reference.backbone) & (ref_rows.seed == reference.seed)
-                        & (pd.to_numeric(ref_rows.shots).fillna(-1) == (-1 if pd.isna(reference.shots) else reference.shots))]
-    per_slice = ref_rows.groupby(["case_id", "slice_index"]).iou.mean().reset_index()
-    per_slice = per_slice.sort_values(["iou", "case_id", "slice_index"]).reset_index(drop=True)
-    chosen = per_slice.iloc[np.unique(np.linspace(0, len(per_slice) - 1, picks).round().astype(int))]
+    slice_rows = metrics[(metrics.dataset == dataset) & (metrics.level == "slice")]
+    chosen = representative_slices(pd.concat([_rows_of_run(slice_rows, run) for run in shown]), picks)
     manifest = load_manifest(paths.REPO_ROOT / json.loads(Path(reference.folder, "run.json").read_text())["parameters"]["manifest"])
     figure, axes = plt.subplots(len(chosen), 2 + len(shown), figsize=(2.3 * (2 + len(shown)), 2.5 * len(chosen)),
                                 squeeze=False)
@@ -276,28 +272,58 @@ def qualitative_grid(results_dir: str | Path, index: pd.DataFrame, metrics: pd.D
         index_ = int(pick.slice_index)
         truth = take_slice(volume.label, manifest.slice_axis, index_)
         grey = grey_slices(manifest, volume, [index_])[0]
-        crop = _content_box(grey, truth)
+        predictions = [take_slice(volume.read_on_canonical_grid(Path(run.folder) / "predictions"
+                                                                / f"{pick.case_id}.nii.gz"), manifest.slice_axis, index_)
+                       for run in shown]
+        crop = zoom_window(grey, [truth, *predictions])
         _show(row_axes[0], grey[crop], f"{pick.case_id} slice {index_}")
         _show(row_axes[1], grey[crop], "ground truth")
         _draw_labels(row_axes[1], truth[crop].T, manifest.tasks)
-        for ax, run in zip(row_axes[2:], shown):
-            predicted = volume.read_on_canonical_grid(Path(run.folder) / "predictions" / f"{pick.case_id}.nii.gz")
+        for ax, run, predicted in zip(row_axes[2:], shown, predictions):
             label = method_label(run.method, run.variant, run.shots, run.budget)
             _show(ax, grey[crop], f"{label}\n{run.backbone}" if run.backbone != "none" else label)
-            _draw_labels(ax, take_slice(predicted, manifest.slice_axis, index_)[crop].T, manifest.tasks)
-    figure.suptitle(f"{dataset}: worst, median and best slice of {method_label(reference.method, reference.variant, reference.shots)} "
-                    f"({reference.backbone}, seed {reference.seed}); every column is one run", fontsize=9)
+            _draw_labels(ax, predicted[crop].T, manifest.tasks)
+    figure.suptitle(f"{dataset}: worst, median and best slice by IoU averaged over the runs shown; "
+                    f"every column is one run", fontsize=9)
     figure.tight_layout()
     return figure
 
 
-def _content_box(grey: np.ndarray, truth: np.ndarray, margin: int = 4) -> tuple[slice, slice]:
-    """The slice's body and labels with a margin (CT slices are mostly air around a small neck)."""
-    rows, columns = np.nonzero((grey > 0) | (truth > 0))
+def representative_slices(slice_rows: pd.DataFrame, picks: int = 3) -> pd.DataFrame:
+    """``picks`` slices spread from worst to best by mean IoU of the rows given (ties: by case, slice).
+
+    Averaged over several runs, so that one run that is wrong everywhere (every slice tied at 0)
+    does not make the choice arbitrary.
+    """
+    per_slice = slice_rows.groupby(["case_id", "slice_index"]).iou.mean().reset_index()
+    per_slice = per_slice.sort_values(["iou", "case_id", "slice_index"]).reset_index(drop=True)
+    return per_slice.iloc[np.unique(np.linspace(0, len(per_slice) - 1, picks).round().astype(int))]
+
+
+def _rows_of_run(rows: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
+    shots = pd.to_numeric(rows.shots).fillna(-1)
+    return rows[(rows.method == run.method) & (rows.variant == run.variant) & (rows.backbone == run.backbone)
+                & (rows.seed == run.seed) & (shots == (-1 if pd.isna(run.shots) else run.shots))]
+
+
+def zoom_window(grey: np.ndarray, label_slices: list[np.ndarray], min_side: int = 48,
+              margin: int = 4) -> tuple[slice, slice]:
+    """A window around every label drawn (truth and predictions), at least ``min_side`` pixels a
+    side, cut to the body: CT organs cover a few pixels of a mostly empty 128x128 slice."""
+    body = grey > 0
+    labelled = np.any([label > 0 for label in label_slices], axis=0)
+    rows, columns = np.nonzero(labelled if labelled.any() else body)
     if not len(rows):
         return slice(None), slice(None)
-    return (slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
-            slice(max(columns.min() - margin, 0), columns.max() + margin + 1))
+    body_rows, body_columns = np.nonzero(body | labelled)
+
+    def span(low: int, high: int, size: int, body_low: int, body_high: int) -> slice:
+        width = min(max(high - low + 1 + 2 * margin, min_side), size)
+        start = min(max((low + high + 1 - width) // 2, 0), size - width)
+        return slice(max(start, body_low), min(start + width, body_high + 1))
+
+    return (span(rows.min(), rows.max(), grey.shape[0], body_rows.min(), body_rows.max()),
+            span(columns.min(), columns.max(), grey.shape[1], body_columns.min(), body_columns.max()))
 
 
 def replace_block(text: str, name: str, content: str) -> str:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,9 +16,11 @@ from conftest import results_dir_of
 from fewsam_lib.cli import main
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.profiles import load_profile
-from fewsam_lib.report import REPORT_TABLES, label_efficiency_figure, readable_log_ticks, replace_block, run_index, write_report
+from fewsam_lib.report import (REPORT_TABLES, label_efficiency_figure, readable_log_ticks, replace_block,
+                               representative_slices, run_index, write_report, zoom_window)
 from fewsam_lib.reproduce import reproduce, write_makefile
 from fewsam_lib.runs import IncompleteRun, summarize, verify_run
+from fewsam_lib.volumes import grey_slices, load_case, take_slice
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
@@ -143,6 +146,29 @@ def test_readme_blocks_are_replaced_between_their_markers():
 def test_label_efficiency_ticks_that_would_overlap_are_dropped():
     assert readable_log_ticks({42, 2, 10, 40, 5304}) == [2, 10, 40, 5304]  # the hippocampus cpu panel
     assert readable_log_ticks(set()) == []
+
+
+def test_qualitative_slices_run_from_worst_to_best_even_beside_a_run_that_is_wrong_everywhere():
+    committed = Path(__file__).resolve().parents[1] / "results" / "runs" / "openkbp_hn_ct"
+    box = pd.read_csv(committed / "sam_prompting" / "lite_medsam_box_seed0_cpu" / "metrics.csv")
+    box = box[box.level == "slice"]
+    wrong_everywhere = box.assign(method="fewshot", iou=0.0)  # what few-shot does on CT (committed runs)
+    assert representative_slices(wrong_everywhere).iou.nunique() == 1  # alone, every pick is a tie
+    chosen = representative_slices(pd.concat([wrong_everywhere, box]))
+    assert len(chosen) == 3 and chosen.iou.is_monotonic_increasing and chosen.iou.nunique() == 3
+
+
+def test_the_qualitative_window_zooms_into_a_ct_slice_and_keeps_every_label(openkbp):
+    volume = load_case(openkbp, "pt_201")
+    counts = (np.moveaxis(volume.label, openkbp.slice_axis, 0) > 0).sum(axis=(1, 2))
+    for index in (int(np.argmax(counts)), int(np.flatnonzero(counts)[0])):  # the most and the least labelled
+        truth = take_slice(volume.label, openkbp.slice_axis, index)
+        grey = grey_slices(openkbp, volume, [index])[0]
+        rows, columns = zoom_window(grey, [truth])
+        shown = np.zeros(truth.shape, bool)
+        shown[rows, columns] = True
+        assert not truth[~shown].any()
+        assert (rows.stop - rows.start) * (columns.stop - columns.start) < truth.size / 2
 
 
 def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(tmp_path):

@@ -307,7 +307,7 @@ def _rows_of_run(rows: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
 
 
 def zoom_window(grey: np.ndarray, label_slices: list[np.ndarray], min_side: int = 48,
-              margin: int = 4) -> tuple[slice, slice]:
+                margin: int = 4) -> tuple[slice, slice]:
     """A window around every label drawn (truth and predictions), at least ``min_side`` pixels a
     side, cut to the body: CT organs cover a few pixels of a mostly empty 128x128 slice."""
     body = grey > 0

@@ -90,8 +90,8 @@ class Profile:
                     planned += [PlannedRun(method, manifest, "none", f"{configuration}-{trainer}", seed, self.name,
                                            budget=budget)
                                 for configuration in matrix.get("configurations", [])
-                                for trainer in matrix.get("trainers", [])
                                 for budget in matrix.get("budgets", [])
+                                for trainer in _budget_trainers(matrix, budget)
                                 for seed in matrix.get("seeds", [0])]
                     continue
                 planned += [PlannedRun(method, manifest, backbone, variant, seed, self.name, shots)
@@ -122,6 +122,12 @@ class PlannedRun:
 
 # method name in run folders -> section of the profile YAML that lists its matrix
 METHOD_SECTIONS = {"sam_prompting": "prompting", "fewshot": "fewshot", "nnunet": "nnunet"}
+
+
+def _budget_trainers(matrix: dict[str, Any], budget: str) -> list[str]:
+    """``nnunet.trainers``: one list for every budget, or a list per budget (``{full: [...], ...}``)."""
+    trainers = matrix.get("trainers") or []
+    return list(trainers.get(budget, [])) if isinstance(trainers, dict) else list(trainers)
 
 
 def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

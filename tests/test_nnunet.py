@@ -134,9 +134,11 @@ def test_every_profiles_trainer_is_found_and_an_unknown_one_is_refused_before_an
     from fewsam_lib.profiles import available_profiles, load_profile
 
     env = nnunet_environment(roots())
-    for profile in available_profiles():
-        for trainer in load_profile(profile).raw["nnunet"]["trainers"]:
-            check_trainer(trainer, env)
+    profile_trainers = {run.variant.split("-", 1)[1] for profile in available_profiles()
+                        for run in load_profile(profile).runs() if run.method == "nnunet"}
+    assert "nnUNetTrainer_fewsam5epochsBatch13" in profile_trainers  # cpu, CT full budget
+    for trainer in profile_trainers:
+        check_trainer(trainer, env)
     check_trainer("nnUNetTrainer_5epochs", env)  # one of nnunetv2's own
     exported = sorted((nnunet_roots / "raw").glob("*"))
     with pytest.raises(FewsamError, match="unknown nnU-Net trainer 'nnUNetTrainer_noSuchSchedule'"):
@@ -148,6 +150,7 @@ def test_every_profiles_trainer_is_found_and_an_unknown_one_is_refused_before_an
 def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_the_planned_batch(
         nnunet_smoke_run, nnunet_roots):
     from fewsam_lib.nnunet_trainers.fewsam_trainers import (nnUNetTrainer_fewsam5epochs,
+                                                            nnUNetTrainer_fewsam5epochsBatch13,
                                                             nnUNetTrainer_fewsam5epochsBatch32)
 
     dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
@@ -155,7 +158,8 @@ def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_t
     dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
     planned = plans["configurations"]["2d"]["batch_size"]
     assert planned < 32  # two hippocampus volumes
-    for trainer_class in (nnUNetTrainer_fewsam5epochs, nnUNetTrainer_fewsam5epochsBatch32):
+    for trainer_class in (nnUNetTrainer_fewsam5epochs, nnUNetTrainer_fewsam5epochsBatch32,
+                          nnUNetTrainer_fewsam5epochsBatch13):
         trainer = build_trainer(trainer_class, plans, dataset_json)
         assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)
         assert trainer.batch_size == planned  # a small plan is left as it is
@@ -163,6 +167,7 @@ def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_t
     plans["configurations"]["2d"]["batch_size"] = 292  # nnU-Net's plan for all 208 training volumes
     assert build_trainer(nnUNetTrainer_fewsam5epochs, plans, dataset_json).batch_size == 292
     assert build_trainer(nnUNetTrainer_fewsam5epochsBatch32, plans, dataset_json).batch_size == 32
+    assert build_trainer(nnUNetTrainer_fewsam5epochsBatch13, plans, dataset_json).batch_size == 13
 
 
 def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(nnunet_smoke_run, nnunet_roots, tmp_path,

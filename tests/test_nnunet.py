@@ -157,7 +157,7 @@ def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_t
     plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
     planned = plans["configurations"]["2d"]["batch_size"]
-    assert planned < 32  # two hippocampus volumes
+    assert planned < 13  # two hippocampus volumes
     for trainer_class in (nnUNetTrainer_fewsam5epochs, nnUNetTrainer_fewsam5epochsBatch32,
                           nnUNetTrainer_fewsam5epochsBatch13):
         trainer = build_trainer(trainer_class, plans, dataset_json)

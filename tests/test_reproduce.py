@@ -15,7 +15,7 @@ import pytest
 from conftest import results_dir_of
 from fewsam_lib.cli import main
 from fewsam_lib.errors import FewsamError
-from fewsam_lib.profiles import load_profile
+from fewsam_lib.profiles import _profile_from, load_profile
 from fewsam_lib.report import (REPORT_TABLES, label_efficiency_figure, readable_log_ticks, replace_block,
                                representative_slices, run_index, write_report, zoom_window)
 from fewsam_lib.reproduce import reproduce, write_makefile
@@ -229,3 +229,19 @@ def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_data
     assert smoke.fewshot_shots == [5] and ct.raw["fewshot"]["backbones"] == smoke.raw["fewshot"]["backbones"]
     assert ct.test_slices == smoke.test_slices == 12
     assert load_profile("smoke", "data_manifests/msd_hippocampus.yaml").raw == smoke.raw
+
+
+def test_nnunet_trainers_may_be_listed_per_budget():
+    def nnunet_cells(profile):
+        return {(Path(run.manifest).stem, run.budget, run.variant) for run in profile.runs() if run.method == "nnunet"}
+
+    assert nnunet_cells(load_profile("cpu")) == {
+        ("msd_hippocampus", "full", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
+        ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
+        ("openkbp_hn_ct", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13"),
+        ("openkbp_hn_ct", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32")}
+    one_budget_listed = dict(load_profile("cpu").raw, overrides={},
+                             nnunet={"configurations": ["2d"], "budgets": ["full", "matched"],
+                                     "trainers": {"matched": ["nnUNetTrainer_fewsamSmoke"]}})
+    assert {(budget, variant) for _, budget, variant in nnunet_cells(_profile_from(one_budget_listed))} == {
+        ("matched", "2d-nnUNetTrainer_fewsamSmoke")}

@@ -212,13 +212,20 @@ def headline_sentences(summary: pd.DataFrame, index: pd.DataFrame) -> list[str]:
             else:
                 text += " (no one-point baseline for this backbone)"
             for row in nnunet.itertuples():
-                gap = row.mean - few["mean"]
                 text += (f"; nnU-Net trained on {row.shots} labelled slices ({row.label.split(' (')[0]}) reaches "
-                         f"{row.mean:.3f}, {abs(gap):.3f} IoU {'above' if gap > 0 else 'below'} few-shot")
+                         f"{row.mean:.3f}, {_compared(row.mean, few['mean'])} few-shot")
             if nnunet.empty:
                 text += "; no nnU-Net run yet"
             sentences.append(text + ".")
     return sentences
+
+
+def _compared(value: float, reference: float) -> str:
+    """``value`` beside ``reference`` as the sentences print them (three decimals)."""
+    gap = round(value, 3) - round(reference, 3)
+    if abs(gap) < 5e-4:
+        return "level with"
+    return f"{abs(gap):.3f} IoU {'above' if gap > 0 else 'below'}"
 
 
 def cost_table(index: pd.DataFrame) -> pd.DataFrame:
@@ -309,7 +316,8 @@ def _rows_of_run(rows: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
 def zoom_window(grey: np.ndarray, label_slices: list[np.ndarray], min_side: int = 48,
                 margin: int = 4) -> tuple[slice, slice]:
     """A window around every label drawn (truth and predictions), at least ``min_side`` pixels a
-    side, cut to the body: CT organs cover a few pixels of a mostly empty 128x128 slice."""
+    side, cut to the body where that leaves ``min_side``: CT organs cover a few pixels of a mostly
+    empty 128x128 slice, and some OpenKBP slices hold a few dozen pixels of CT around a contour."""
     body = grey > 0
     labelled = np.any([label > 0 for label in label_slices], axis=0)
     rows, columns = np.nonzero(labelled if labelled.any() else body)
@@ -320,7 +328,8 @@ def zoom_window(grey: np.ndarray, label_slices: list[np.ndarray], min_side: int 
     def span(low: int, high: int, size: int, body_low: int, body_high: int) -> slice:
         width = min(max(high - low + 1 + 2 * margin, min_side), size)
         start = min(max((low + high + 1 - width) // 2, 0), size - width)
-        return slice(max(start, body_low), min(start + width, body_high + 1))
+        in_body = slice(max(start, body_low), min(start + width, body_high + 1))
+        return in_body if in_body.stop - in_body.start >= min(min_side, size) else slice(start, start + width)
 
     return (span(rows.min(), rows.max(), grey.shape[0], body_rows.min(), body_rows.max()),
             span(columns.min(), columns.max(), grey.shape[1], body_columns.min(), body_columns.max()))

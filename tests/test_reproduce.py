@@ -16,8 +16,8 @@ from conftest import results_dir_of
 from fewsam_lib.cli import main
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.profiles import _profile_from, load_profile
-from fewsam_lib.report import (REPORT_TABLES, label_efficiency_figure, readable_log_ticks, replace_block,
-                               representative_slices, run_index, write_report, zoom_window)
+from fewsam_lib.report import (REPORT_TABLES, headline_sentences, label_efficiency_figure, readable_log_ticks,
+                               replace_block, representative_slices, run_index, write_report, zoom_window)
 from fewsam_lib.reproduce import reproduce, write_makefile
 from fewsam_lib.runs import IncompleteRun, summarize, verify_run
 from fewsam_lib.volumes import grey_slices, load_case, take_slice
@@ -59,6 +59,9 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert "true report --profile smoke --results" in made
     assert subprocess.run(["make", "-q", *report[1:]]).returncode == 0
     assert "Nothing to be done" in subprocess.run(report, capture_output=True, text=True).stdout
+    report_rule = next(line for line in makefile.read_text().splitlines() if "report-smoke.done:" in line)
+    assert {"fewsam_lib/profiles/smoke.yaml", "fewsam_lib/report.py", "notebooks/90_report.ipynb"} <= set(
+        report_rule.split())  # the report is remade when its code changes
     made_at = makefile.with_name("report-smoke.done").stat().st_mtime_ns
     os.utime(folders[0] / ".complete", ns=(made_at + 10**9, made_at + 10**9))  # a run redone a second later
     assert subprocess.run(["make", "-q", *report[1:]]).returncode == 1
@@ -171,6 +174,18 @@ def test_the_qualitative_window_zooms_into_a_ct_slice_and_keeps_every_label(open
         assert (rows.stop - rows.start) * (columns.stop - columns.start) < truth.size / 2
 
 
+def test_the_qualitative_window_keeps_its_size_where_a_ct_slice_holds_only_a_scrap_of_body(openkbp):
+    volume = load_case(openkbp, "pt_203")  # slice 30: 37 pixels of CT around ten of spinal cord
+    truth = take_slice(volume.label, openkbp.slice_axis, 30)
+    grey = grey_slices(openkbp, volume, [30])[0]
+    assert 0 < (grey > 0).sum() < 100 and truth.any()
+    rows, columns = zoom_window(grey, [truth], min_side=48)
+    assert rows.stop - rows.start == columns.stop - columns.start == 48
+    shown = np.zeros(truth.shape, bool)
+    shown[rows, columns] = True
+    assert not truth[~shown].any()
+
+
 def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(tmp_path):
     committed = Path(__file__).resolve().parents[1] / "results"
     matched = [folder for folder in sorted((committed / "runs").glob("*/nnunet/*_cpu"))
@@ -182,6 +197,14 @@ def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(t
     assert [text.get_text() for text in figure.legends[0].texts] == ["nnU-Net matched budget (2d)"]
     ticks = {tick.get_text() for ax in figure.axes for tick in ax.get_xticklabels()}
     assert {"42", "158"} <= ticks  # the slice counts moved from the legend to each point's tick
+
+
+def test_headline_calls_equal_printed_scores_level_rather_than_below():
+    committed = Path(__file__).resolve().parents[1] / "results"
+    sentences = headline_sentences(pd.read_csv(committed / "tables" / "summary.csv"), run_index(committed))
+    brainstem = next(s for s in sentences if s.startswith("openkbp_hn_ct · Brainstem · mobile_sam"))
+    assert "IoU 0.000" in brainstem and "reaches 0.000, level with few-shot" in brainstem  # committed cpu runs
+    assert not any("0.000 IoU" in sentence for sentence in sentences)
 
 
 def test_reproduce_dry_run_lists_a_missing_run_as_planned(openkbp, tmp_path):

@@ -71,7 +71,7 @@ class nnUNetTrainer_fewsam5epochsBatch32(nnUNetTrainer_fewsam5epochs):
 class nnUNetTrainer_fewsam5epochsBatch13(nnUNetTrainer_fewsam5epochsBatch32):
     """``nnUNetTrainer_fewsam5epochsBatch32`` with at most 13 images per batch: the batch nnU-Net
     plans for the CT matched budget (158 slices), so the ``cpu`` profile's full CT run sees as many
-    training images as its matched run (5 x 250 x 13) and fits a 2-core session (~1.5 h instead
-    of ~5 h at 32)."""
+    training images as its matched run (5 x 250 x 13) and fits a 2-core session (an epoch at 32
+    took an hour)."""
 
     max_batch_size = 13

@@ -43,6 +43,7 @@ def run_command(run: PlannedRun, results_dir: Path) -> list[str]:
         command += ["--shots", str(run.shots)]
     return command
 
+
 # What the report is made from besides the runs: a change to any of them makes the report again.
 REPORT_CODE = tuple(paths.REPO_ROOT / name for name in (
     "fewsam_lib/report.py", "fewsam_lib/plots.py", "fewsam_lib/runs.py", "notebooks/90_report.ipynb"))

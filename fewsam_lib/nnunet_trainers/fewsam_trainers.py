@@ -4,8 +4,8 @@ nnunetv2 ships ``nnUNetTrainer_<X>epochs`` (250 iterations per epoch). Three thi
 not fit: tests need a pipeline run in seconds; the ``cpu`` profile's hours of training on a CPU
 must survive an interruption (nnunetv2 checkpoints every 50 epochs only); and nnU-Net sizes the
 batch to a GPU's memory, so on a CPU an epoch grows with it (2d, full training splits: 292
-hippocampus slices, over 30 min per epoch on 2 cores; 154 CT slices of 128x128, several hours:
-one epoch at 32 took 62 min, measured).
+hippocampus slices, over 30 min per epoch on 2 cores; 154 CT slices of 128x128, longer still:
+even at 32 one epoch took 62 min, measured).
 """
 
 import os

@@ -168,9 +168,7 @@ def test_the_qualitative_window_zooms_into_a_ct_slice_and_keeps_every_label(open
         truth = take_slice(volume.label, openkbp.slice_axis, index)
         grey = grey_slices(openkbp, volume, [index])[0]
         rows, columns = zoom_window(grey, [truth])
-        shown = np.zeros(truth.shape, bool)
-        shown[rows, columns] = True
-        assert not truth[~shown].any()
+        assert _every_label_inside(truth, rows, columns)
         assert (rows.stop - rows.start) * (columns.stop - columns.start) < truth.size / 2
 
 
@@ -181,9 +179,13 @@ def test_the_qualitative_window_keeps_its_size_where_a_ct_slice_holds_only_a_scr
     assert 0 < (grey > 0).sum() < 100 and truth.any()
     rows, columns = zoom_window(grey, [truth], min_side=48)
     assert rows.stop - rows.start == columns.stop - columns.start == 48
+    assert _every_label_inside(truth, rows, columns)
+
+
+def _every_label_inside(truth: np.ndarray, rows: slice, columns: slice) -> bool:
     shown = np.zeros(truth.shape, bool)
     shown[rows, columns] = True
-    assert not truth[~shown].any()
+    return not truth[~shown].any()
 
 
 def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(tmp_path):

@@ -21,11 +21,12 @@ PROFILE ?= cpu
 # Original SAM checkpoints to download from Meta's official URLs, e.g. `make weights SAM="vit_b vit_h"`.
 SAM ?=
 
-.PHONY: help setup weights data test validate reproduce reproduce-list summarize clean
+.PHONY: help setup weights data test lint format validate reproduce reproduce-list summarize clean
 
 help:
 	@echo "make setup     virtual environment in $(VENV) with pinned dependencies, plus verified weights"
 	@echo "make test      the test suite (real data from FEWSAM_DATA=$(FEWSAM_DATA))"
+	@echo "make lint      ruff: lint and format check (make format rewrites the files)"
 	@echo "make weights   fetch and verify MobileSAM + LiteMedSAM (add SAM=\"vit_b\" to download SAM ViT-B)"
 	@echo "make data      check the datasets under FEWSAM_DATA (download MSD Task04 if it is missing) and"
 	@echo "               convert OpenKBP to NIfTI under FEWSAM_CONVERTED=$(FEWSAM_CONVERTED)"
@@ -63,12 +64,22 @@ validate: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 # One file target per run (its folder's .complete stamp), generated from the profile's YAML:
 # an interrupted `make reproduce` resumes, a complete run is never recomputed, `make -j2` runs two
 # at a time. The report runs when every run is complete, and again only when a run changed.
 RUNS_MK := work/make/runs-$(PROFILE).mk
 
-$(RUNS_MK): fewsam_lib/profiles/$(PROFILE).yaml $(wildcard data_manifests/*.yaml) | $(STAMP)
+# The plan reads every dataset of the profile, so the converted datasets come first: on a fresh
+# clone `make setup && make reproduce` needs no third command.
+$(RUNS_MK): fewsam_lib/profiles/$(PROFILE).yaml $(wildcard data_manifests/*.yaml) | $(STAMP) $(OPENKBP)
 	$(FEWSAM) reproduce --profile $(PROFILE) --makefile $@
 
 reproduce: $(RUNS_MK)

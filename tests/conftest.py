@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 @pytest.fixture(scope="session")
 def hippocampus():
-    from fewsam_lib.manifest import load_manifest
+    from fewsam_lib.data.manifest import load_manifest
 
     return load_manifest(HIPPOCAMPUS_MANIFEST)
 
@@ -28,7 +28,7 @@ def hippocampus():
 @pytest.fixture(scope="session")
 def hippocampus_slices(hippocampus):
     """Four real grey-level slices of the first test case that contain hippocampus."""
-    from fewsam_lib.volumes import load_case, normalise_intensity, take_slice
+    from fewsam_lib.data.volumes import load_case, normalise_intensity, take_slice
 
     case_id = hippocampus.case_ids("test")[0]
     volume = load_case(hippocampus, case_id)
@@ -36,15 +36,15 @@ def hippocampus_slices(hippocampus):
     axis = hippocampus.slice_axis
     labelled = [i for i in range(grey.shape[axis]) if take_slice(volume.label, axis, i).any()]
     middle = len(labelled) // 2
-    return [take_slice(grey, axis, i) for i in labelled[middle - 2: middle + 2]]
+    return [take_slice(grey, axis, i) for i in labelled[middle - 2 : middle + 2]]
 
 
 @pytest.fixture(scope="session")
 def openkbp(tmp_path_factory):
     """The OpenKBP manifest over a complete conversion: the user's own if present, else a fresh one."""
     from fewsam_lib import paths
-    from fewsam_lib.convert import convert_openkbp, is_converted
-    from fewsam_lib.manifest import load_manifest
+    from fewsam_lib.data.convert import convert_openkbp, is_converted
+    from fewsam_lib.data.manifest import load_manifest
 
     if not is_converted(paths.converted_root() / "openkbp_hn_ct", OPENKBP_SOURCE):
         converted = tmp_path_factory.mktemp("converted")
@@ -55,14 +55,14 @@ def openkbp(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mobile_sam():
-    from fewsam_lib.backbones import load_backbone
+    from fewsam_lib.encoders.backbones import load_backbone
 
     return load_backbone("mobile_sam")
 
 
 @pytest.fixture(scope="session")
 def lite_medsam():
-    from fewsam_lib.backbones import load_backbone
+    from fewsam_lib.encoders.backbones import load_backbone
 
     return load_backbone("lite_medsam")
 
@@ -112,15 +112,23 @@ def isolated_cache(tmp_path_factory):
         os.environ["FEWSAM_CACHE"] = previous
 
 
-def _smoke_run(tmp_path_factory, method: str, variant: str, shots: int | None = None, backbone: str = "mobile_sam",
-               budget: str | None = None, manifest: Path = HIPPOCAMPUS_MANIFEST) -> Path:
+def _smoke_run(
+    tmp_path_factory,
+    method: str,
+    variant: str,
+    shots: int | None = None,
+    backbone: str = "mobile_sam",
+    budget: str | None = None,
+    manifest: Path = HIPPOCAMPUS_MANIFEST,
+) -> Path:
     """One run of the smoke profile executed through its notebook, in a results folder of its own."""
-    from fewsam_lib.notebooks import run_notebook
-    from fewsam_lib.profiles import PlannedRun
+    from fewsam_lib.bench.notebooks import run_notebook
+    from fewsam_lib.bench.profiles import PlannedRun
 
     results = tmp_path_factory.mktemp(f"{method}-results")
-    return run_notebook(PlannedRun(method, str(manifest), backbone, variant, 0, "smoke", shots, budget),
-                        results_dir=results)
+    return run_notebook(
+        PlannedRun(method, str(manifest), backbone, variant, 0, "smoke", shots, budget), results_dir=results
+    )
 
 
 @pytest.fixture(scope="session")
@@ -161,10 +169,18 @@ def nnunet_smoke_run(nnunet_roots, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ct_smoke_runs(openkbp, nnunet_roots, tmp_path_factory) -> list[Path]:
     """The smoke profile's three runs on head-and-neck CT (box prompts, 1 shot, nnU-Net matched)."""
-    return [_smoke_run(tmp_path_factory, "sam_prompting", "box", manifest=OPENKBP_MANIFEST),
-            _smoke_run(tmp_path_factory, "fewshot", "centred", shots=1, manifest=OPENKBP_MANIFEST),
-            _smoke_run(tmp_path_factory, "nnunet", "2d-nnUNetTrainer_fewsamSmoke", backbone="none", budget="matched",
-                       manifest=OPENKBP_MANIFEST)]
+    return [
+        _smoke_run(tmp_path_factory, "sam_prompting", "box", manifest=OPENKBP_MANIFEST),
+        _smoke_run(tmp_path_factory, "fewshot", "centred", shots=1, manifest=OPENKBP_MANIFEST),
+        _smoke_run(
+            tmp_path_factory,
+            "nnunet",
+            "2d-nnUNetTrainer_fewsamSmoke",
+            backbone="none",
+            budget="matched",
+            manifest=OPENKBP_MANIFEST,
+        ),
+    ]
 
 
 def results_dir_of(run_folder: Path) -> Path:
@@ -174,7 +190,7 @@ def results_dir_of(run_folder: Path) -> Path:
 
 def assert_predictions_reproduce_the_metrics(run_folder: Path) -> None:
     """Reload a run's saved predictions and recompute its metric rows with the shared metric code."""
-    from fewsam_lib.runs import verify_run
+    from fewsam_lib.bench.runs import verify_run
 
     problems = verify_run(run_folder)
     assert not problems, "\n".join(problems[:10])

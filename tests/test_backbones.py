@@ -7,9 +7,9 @@ import zipfile
 import pytest
 import torch
 
-from fewsam_lib import weights
-from fewsam_lib.backbones import BACKBONES, EMBEDDING_SHAPE, load_backbone, resized_shape
 from fewsam_lib.cli import main
+from fewsam_lib.encoders import weights
+from fewsam_lib.encoders.backbones import BACKBONES, EMBEDDING_SHAPE, load_backbone, resized_shape
 from fewsam_lib.errors import CheckpointError
 
 

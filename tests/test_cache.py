@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_manifest
-from fewsam_lib import cache as cache_module
-from fewsam_lib.cache import EmbeddingCache
+
 from fewsam_lib.cli import main
+from fewsam_lib.encoders import cache as cache_module
+from fewsam_lib.encoders.cache import EmbeddingCache
 
 FP16_TOLERANCE = 1e-3  # embeddings are stored as float16 (measured max error ~2.4e-4)
 
@@ -102,8 +102,8 @@ def test_killed_writer_leaves_no_entry(tmp_path, hippocampus_slices):
     np.save(grey_path, hippocampus_slices[3])
     script = textwrap.dedent(f"""
         import os, numpy as np, torch
-        from fewsam_lib.cache import EmbeddingCache
-        cache = EmbeddingCache("mobile_sam", root=r"{tmp_path / 'cache'}")
+        from fewsam_lib.encoders.cache import EmbeddingCache
+        cache = EmbeddingCache("mobile_sam", root=r"{tmp_path / "cache"}")
         grey = np.load(r"{grey_path}")
         os.fsync = lambda fd: os._exit(9)   # die after the bytes are written, before the rename
         cache._write(cache.key(grey), torch.zeros(256, 64, 64, dtype=torch.float16), grey.shape)
@@ -131,11 +131,20 @@ def test_embed_command_fills_then_only_hits(tmp_path, hippocampus, capsys):
     for source, folder in ((case.image, "images"), (case.label, "labels")):
         volume = nib.load(source)
         middle = volume.shape[2] // 2
-        cropped = np.asarray(volume.dataobj)[:, :, middle - 1: middle + 2]
+        cropped = np.asarray(volume.dataobj)[:, :, middle - 1 : middle + 2]
         nib.save(nib.Nifti1Image(cropped, volume.affine, volume.header), root / folder / source.name)
     manifest = write_manifest(tmp_path / "three_slices.yaml", root, [case.case_id, case.case_id])
-    command = ["embed", str(manifest), "--backbone", "lite_medsam", "--split", "test",
-               "--cache", str(tmp_path / "cache"), "--quiet"]
+    command = [
+        "embed",
+        str(manifest),
+        "--backbone",
+        "lite_medsam",
+        "--split",
+        "test",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
     assert main(command) == 0
     assert "3 slices" in (out := capsys.readouterr().out) and "0 hits, 3 misses" in out
     assert main(command) == 0

@@ -10,12 +10,21 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import OPENKBP_MANIFEST, OPENKBP_SOURCE
-from fewsam_lib.convert import (OPENKBP_LABELS, ConversionError, ConvertedPatient, Patient, convert_openkbp,
-                                find_patients, openkbp_manifest_text, orientation_problems, read_patient)
+
+from fewsam_lib.data.convert import (
+    OPENKBP_LABELS,
+    ConversionError,
+    ConvertedPatient,
+    Patient,
+    convert_openkbp,
+    find_patients,
+    openkbp_manifest_text,
+    orientation_problems,
+    read_patient,
+)
+from fewsam_lib.data.manifest import load_manifest
 from fewsam_lib.errors import ManifestError
-from fewsam_lib.manifest import load_manifest
 
 TRAIN_PATIENT = "pt_1"  # all five organs contoured
 
@@ -75,16 +84,21 @@ def test_mandible_is_bone_and_the_cord_lies_inside_the_vertebrae(converted_patie
 def test_orientation_checks_catch_a_wrong_index_order_or_side():
     patient = next(p for p in find_patients(OPENKBP_SOURCE) if p.case_id == TRAIN_PATIENT)
     right = read_patient(patient)
-    fortran = ConvertedPatient(right.hu.transpose(), {k: m.transpose() for k, m in right.masks.items()},
-                               right.label.transpose(), right.voxel_size)
+    fortran = ConvertedPatient(
+        right.hu.transpose(),
+        {k: m.transpose() for k, m in right.masks.items()},
+        right.label.transpose(),
+        right.voxel_size,
+    )
     assert any("head to feet" in p for p in orientation_problems(patient, fortran))
-    mirrored = ConvertedPatient(right.hu[:, ::-1], {k: m[:, ::-1] for k, m in right.masks.items()},
-                                right.label[:, ::-1], right.voxel_size)
+    mirrored = ConvertedPatient(
+        right.hu[:, ::-1], {k: m[:, ::-1] for k, m in right.masks.items()}, right.label[:, ::-1], right.voxel_size
+    )
     assert any("LeftParotid" in p for p in orientation_problems(patient, mirrored))
 
 
 def test_converted_case_loads_through_a_manifest_in_ras(openkbp):
-    from fewsam_lib.volumes import load_case
+    from fewsam_lib.data.volumes import load_case
 
     volume = load_case(openkbp, TRAIN_PATIENT)
     assert np.allclose(volume.spacing, (3.906, 3.906, 2.5), atol=1e-3)
@@ -108,8 +122,8 @@ def test_openkbp_manifest_splits_and_annotations(openkbp):
 
 
 def test_unannotated_tasks_are_not_scored(openkbp):
-    from fewsam_lib.runs import RunSpec, score_case
-    from fewsam_lib.volumes import load_case
+    from fewsam_lib.bench.runs import RunSpec, score_case
+    from fewsam_lib.data.volumes import load_case
 
     volume = load_case(openkbp, "pt_203")  # no mandible contour
     spec = RunSpec(openkbp.dataset, "fewshot", "mobile_sam", "centred", 0, "smoke", shots=1)
@@ -133,14 +147,17 @@ def _patient_copy(tmp_path) -> Patient:
     return Patient(TRAIN_PATIENT, folder, "train")
 
 
-@pytest.mark.parametrize("file, content, message", [
-    ("ct.csv", ",data\n12,abc\n", "line 2: the value is not a number"),
-    ("ct.csv", "index,value\n12,30\n", "expected the OpenKBP header"),
-    ("Mandible.csv", ",data\n2097152,\n", "flat indices must be integers in"),
-    ("Mandible.csv", ",data\nx,\n", "integer flat voxel indices"),
-    ("Brainstem.csv", ",data\n", "lists no voxel"),
-    ("voxel_dimensions.csv", "3.9\n3.9\n", "expected three positive voxel sizes"),
-])
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("ct.csv", ",data\n12,abc\n", "line 2: the value is not a number"),
+        ("ct.csv", "index,value\n12,30\n", "expected the OpenKBP header"),
+        ("Mandible.csv", ",data\n2097152,\n", "flat indices must be integers in"),
+        ("Mandible.csv", ",data\nx,\n", "integer flat voxel indices"),
+        ("Brainstem.csv", ",data\n", "lists no voxel"),
+        ("voxel_dimensions.csv", "3.9\n3.9\n", "expected three positive voxel sizes"),
+    ],
+)
 def test_malformed_source_files_are_named(tmp_path, file, content, message):
     patient = _patient_copy(tmp_path)
     (patient.folder / file).write_text(content)
@@ -154,9 +171,20 @@ def test_malformed_source_files_are_named(tmp_path, file, content, message):
 def test_cli_reports_a_malformed_file_without_traceback(tmp_path):
     patient = _patient_copy(tmp_path)
     (patient.folder / "ct.csv").write_text(",data\n12,abc\n")
-    result = subprocess.run([sys.executable, "-m", "fewsam_lib.cli", "convert", "openkbp",
-                             str(tmp_path / "provided-data"), str(tmp_path / "out"), "--quiet"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewsam_lib.cli",
+            "convert",
+            "openkbp",
+            str(tmp_path / "provided-data"),
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "ct.csv: line 2" in result.stderr
 
@@ -172,7 +200,7 @@ def test_a_second_conversion_does_no_work(tmp_path):
 
 
 def test_validation_flags_a_not_annotated_task_that_has_voxels(tmp_path, openkbp):
-    from fewsam_lib.validation import validate
+    from fewsam_lib.data.validation import validate
 
     text = OPENKBP_MANIFEST.read_text().replace("  pt_203: [Mandible]", "  pt_201: [Mandible]\n  pt_203: [Mandible]")
     broken = tmp_path / "openkbp.yaml"

@@ -4,35 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
+import yaml
 from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics, results_dir_of
-from fewsam_lib.cache import EmbeddingCache
+
+from fewsam_lib.bench.evaluate import evaluate
+from fewsam_lib.bench.profiles import PROFILE_DIR, load_profile
+from fewsam_lib.bench.runs import RunSpec, load_run, score_case
+from fewsam_lib.data.collection import SupportSlice, draw_collection, explicit_collection
+from fewsam_lib.data.volumes import grey_slices, load_case, slice_table
+from fewsam_lib.encoders.cache import EmbeddingCache
 from fewsam_lib.errors import FewsamError
-from fewsam_lib.fewshot import (
+from fewsam_lib.methods.base import PlannedRun
+from fewsam_lib.methods.fewshot import (
     CURVE_FILE,
     MODEL_FILE,
     FewShotModel,
-    SupportSlice,
-    TrainingSettings,
-    draw_collection,
     embedding_grid_weights,
-    explicit_collection,
     few_shot_tokens,
     fit_fewshot,
     get_design,
+    get_fewshot_variant,
     load_support,
     point_token_norm,
     pooled_embedding,
-    run_fewshot,
 )
-from fewsam_lib.profiles import load_profile
-from fewsam_lib.runs import RunSpec, load_run, score_case
-from fewsam_lib.volumes import grey_slices, load_case, slice_table
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,9 @@ def test_collection_is_seeded_nested_and_from_training_slices(hippocampus, train
         assert five.per_task[task][:1] == one.per_task[task]  # nested collections
         for support in five.per_task[task]:
             assert support.case_id in hippocampus.split["train"]
-            row = train_table[(train_table.case_id == support.case_id) & (train_table.slice_index == support.slice_index)]
+            row = train_table[
+                (train_table.case_id == support.case_id) & (train_table.slice_index == support.slice_index)
+            ]
             assert int(row[task].iloc[0]) > 0
     assert set(five.slices) == {s for slices in five.per_task.values() for s in slices}
     with pytest.raises(FewsamError, match="fewer than"):
@@ -93,8 +96,9 @@ def test_tokens_per_design_and_absent_task_error(mobile_sam):
     positive_type = model.prompt_encoder.point_embeddings[1].weight[0]
     for name in tasks.values():
         assert float((centred[name][0] - positive_type).norm()) == pytest.approx(point_token_norm(model), rel=1e-5)
-    cosine = torch.nn.functional.cosine_similarity(centred["anterior"] - positive_type,
-                                                   centred["posterior"] - positive_type)
+    cosine = torch.nn.functional.cosine_similarity(
+        centred["anterior"] - positive_type, centred["posterior"] - positive_type
+    )
     assert float(cosine) < 0.9
     with_background = few_shot_tokens(model, embeddings, labels, tasks, get_design("centred_bg"))
     assert with_background["anterior"].shape == (2, 256)
@@ -116,15 +120,26 @@ PREPROCESSING = {"slice_axis": 2, "intensity": {"mode": "percentile", "lower": 0
 def support(hippocampus, train_table):
     """Real cached embeddings and labels of a 2-shot collection (about 4 slices)."""
     cache = EmbeddingCache("mobile_sam")
-    embeddings, labels = load_support(hippocampus, draw_collection(hippocampus, 2, 0, train_table), cache,
-                                      progress=False)
+    embeddings, labels = load_support(
+        hippocampus, draw_collection(hippocampus, 2, 0, train_table), cache, progress=False
+    )
     return cache, embeddings, labels
 
 
 def _fit(support, hippocampus, seed: int, steps: int = 2):
     cache, embeddings, labels = support
-    return fit_fewshot(cache.backbone.model, "mobile_sam", embeddings, labels, hippocampus.tasks,
-                       get_design("centred"), TrainingSettings(steps=steps), seed, PREPROCESSING, progress=False)
+    variant = get_fewshot_variant("centred").with_schedule(steps=steps)
+    return fit_fewshot(
+        cache.backbone.model,
+        "mobile_sam",
+        embeddings,
+        labels,
+        hippocampus.tasks,
+        variant,
+        seed,
+        PREPROCESSING,
+        progress=False,
+    )
 
 
 def test_training_never_runs_the_encoder_and_changes_only_the_decoder(support, hippocampus, monkeypatch):
@@ -155,10 +170,18 @@ def test_same_seed_same_weights_other_seed_other_weights(support, hippocampus):
     assert not all(torch.equal(weights[name], different[name]) for name in weights)
 
 
+def short_profile(tmp_path: Path, steps: int) -> str:
+    """The smoke profile with a schedule of ``steps`` decoder steps, as a profile file of its own."""
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    raw["fewshot"]["training"] = {"steps": steps}
+    path = tmp_path / f"smoke_{steps}_steps.yaml"
+    path.write_text(yaml.safe_dump({**raw, "name": f"smoke{steps}steps"}))
+    return str(path)
+
+
 def test_same_seed_gives_identical_runs(tmp_path):
-    folders = [run_fewshot(str(HIPPOCAMPUS_MANIFEST), "mobile_sam", shots=1, seed=3, profile="smoke",
-                           results_dir=tmp_path / name, settings=TrainingSettings(steps=2), progress=False)
-               for name in ("first", "second")]
+    run = PlannedRun("fewshot", str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "centred", 3, short_profile(tmp_path, 2), 1)
+    folders = [evaluate(run, results_dir=tmp_path / name, progress=False) for name in ("first", "second")]
     (first_meta, first), (second_meta, second) = (load_run(folder) for folder in folders)
     pd.testing.assert_frame_equal(first, second)
     assert first_meta["collection"] == second_meta["collection"]
@@ -186,7 +209,8 @@ def test_fewshot_smoke_notebook_writes_a_complete_run(fewshot_smoke_run, hippoca
     folder = fewshot_smoke_run
     meta, metrics = load_run(folder)
     assert folder == RunSpec("msd_hippocampus", "fewshot", "centred", "mobile_sam", 0, "smoke", 5).folder(
-        results_dir_of(folder))
+        results_dir_of(folder)
+    )
     notebook = json.loads((folder / "notebook.ipynb").read_text())
     assert any("parameters" in cell["metadata"].get("tags", []) for cell in notebook["cells"])
     assert meta["shots"] == 5 and meta["parameters"]["training"]["steps"] == 60  # the smoke schedule
@@ -201,8 +225,7 @@ def test_fewshot_predictions_reproduce_the_recorded_metrics(fewshot_smoke_run, h
     assert_predictions_reproduce_the_metrics(fewshot_smoke_run)
 
 
-def test_trained_decoder_beats_the_untrained_one_and_depends_on_its_tokens(fewshot_smoke_run, smoke_case,
-                                                                           hippocampus):
+def test_trained_decoder_beats_the_untrained_one_and_depends_on_its_tokens(fewshot_smoke_run, smoke_case, hippocampus):
     cache, volume, extent, embeddings = smoke_case
     model = cache.backbone.model
     trained = FewShotModel.load(fewshot_smoke_run / MODEL_FILE, model, "mobile_sam")
@@ -214,7 +237,9 @@ def test_trained_decoder_beats_the_untrained_one_and_depends_on_its_tokens(fewsh
     meta, metrics = load_run(fewshot_smoke_run)
     assert meta["scored_slices"] == {volume.case_id: [extent.start, extent.stop]}
     recorded = metrics[(metrics.level == "slice") & (metrics.case_id == volume.case_id)].dice.mean()
-    assert _case_dice(hippocampus, volume, prediction, extent) == pytest.approx(recorded)  # the saved model is the run's
+    assert _case_dice(hippocampus, volume, prediction, extent) == pytest.approx(
+        recorded
+    )  # the saved model is the run's
     untrained = dataclasses.replace(trained, decoder=model.mask_decoder)
     assert recorded > _case_dice(hippocampus, volume, predict(untrained), extent) + 0.2
 

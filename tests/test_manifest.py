@@ -9,11 +9,11 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import HIPPOCAMPUS_MANIFEST, write_manifest
+
 from fewsam_lib.cli import main
+from fewsam_lib.data.manifest import draw_split, load_manifest
 from fewsam_lib.errors import ManifestError
-from fewsam_lib.manifest import draw_split, load_manifest
 
 
 def test_hippocampus_manifest_describes_the_decathlon_task(hippocampus):
@@ -134,8 +134,9 @@ def test_validate_reports_a_task_without_voxels(tmp_path, mini_dataset, capsys):
 
 def test_validate_reports_split_problems(tmp_path, mini_dataset, capsys):
     root, case_ids = mini_dataset
-    manifest = write_manifest(tmp_path / "mini.yaml", root, case_ids,
-                              split={"train": case_ids + ["hippocampus_999"], "test": []})
+    manifest = write_manifest(
+        tmp_path / "mini.yaml", root, case_ids, split={"train": case_ids + ["hippocampus_999"], "test": []}
+    )
     assert main(["validate", "--quiet", str(manifest)]) == 1
     out = capsys.readouterr().out
     assert "split 'test' is empty" in out
@@ -164,8 +165,9 @@ def test_console_script_prints_no_traceback(tmp_path, mini_dataset):
     root, case_ids = mini_dataset
     _truncate_image(root)
     manifest = write_manifest(tmp_path / "mini.yaml", root, case_ids)
-    result = subprocess.run([sys.executable, "-m", "fewsam_lib.cli", "validate", "--quiet", str(manifest)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fewsam_lib.cli", "validate", "--quiet", str(manifest)], capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
     assert "corrupt NIfTI" in result.stdout

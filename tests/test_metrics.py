@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from fewsam_lib.metrics import overlap, score, surface
-from fewsam_lib.volumes import load_case
+from fewsam_lib.bench.metrics import overlap, score, surface
+from fewsam_lib.data.volumes import load_case
 
 
 def test_overlap_hand_checked():

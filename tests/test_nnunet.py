@@ -7,12 +7,28 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics
+
+from fewsam_lib.bench.evaluate import evaluate
+from fewsam_lib.bench.runs import IncompleteRun, load_run
+from fewsam_lib.data.volumes import slice_table
 from fewsam_lib.errors import FewsamError
-from fewsam_lib.nnunet import export_raw_dataset, full_budget, labelled_slice_counts, matched_budget, run_nnunet
-from fewsam_lib.runs import IncompleteRun, load_run
-from fewsam_lib.volumes import slice_table
+from fewsam_lib.methods.base import PlannedRun
+from fewsam_lib.methods.nnunet import export_raw_dataset, full_budget, labelled_slice_counts, matched_budget
+
+
+def run_nnunet(
+    manifest,
+    configuration: str = "2d",
+    trainer: str = "nnUNetTrainer_fewsamSmoke",
+    budget: str = "full",
+    profile: str = "smoke",
+    results_dir=None,
+    device: str = "cpu",
+):
+    """One nnU-Net run through the shared loop, as `fewsam run nnunet --no-notebook` makes it."""
+    run = PlannedRun("nnunet", str(manifest), "none", f"{configuration}-{trainer}", 0, profile, budget=budget)
+    return evaluate(run, results_dir=results_dir, device=device, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +96,16 @@ def test_nnunet_smoke_run_is_a_complete_run_scored_by_our_metrics(nnunet_smoke_r
     assert_predictions_reproduce_the_metrics(nnunet_smoke_run)
 
 
-def test_a_rerun_after_training_predicts_again_and_takes_the_training_time_from_nnunets_log(nnunet_smoke_run,
-                                                                                              tmp_path):
+def test_a_rerun_after_training_predicts_again_and_takes_the_training_time_from_nnunets_log(nnunet_smoke_run, tmp_path):
     first, _ = load_run(nnunet_smoke_run)
     assert len(first["nnunet_training"]["epoch_seconds"]) == int(first["nnunet_training"]["num_epochs"]) == 1
-    folder = run_nnunet(HIPPOCAMPUS_MANIFEST, trainer="nnUNetTrainer_fewsamSmoke", budget="matched", profile="smoke",
-                        results_dir=tmp_path)
+    folder = run_nnunet(
+        HIPPOCAMPUS_MANIFEST,
+        trainer="nnUNetTrainer_fewsamSmoke",
+        budget="matched",
+        profile="smoke",
+        results_dir=tmp_path,
+    )
     again, metrics = load_run(folder)
     assert "plan_and_preprocess" not in again["timings_s"]  # nothing of nnU-Net's work was redone
     assert again["timings_s"]["train"] == pytest.approx(sum(first["nnunet_training"]["epoch_seconds"]))
@@ -100,26 +120,42 @@ def test_a_preprocessing_cut_short_is_redone_not_trusted(nnunet_smoke_run, nnune
     marker.unlink()
     missing = sorted((preprocessed / "nnUNetPlans_2d").iterdir())[0]
     missing.unlink()
-    folder = run_nnunet(HIPPOCAMPUS_MANIFEST, trainer="nnUNetTrainer_fewsamSmoke", budget="matched", profile="smoke",
-                        results_dir=tmp_path)
+    folder = run_nnunet(
+        HIPPOCAMPUS_MANIFEST,
+        trainer="nnUNetTrainer_fewsamSmoke",
+        budget="matched",
+        profile="smoke",
+        results_dir=tmp_path,
+    )
     assert "plan_and_preprocess" in load_run(folder)[0]["timings_s"]
     assert missing.exists() and marker.exists()
 
 
 def test_a_failed_nnunet_training_is_a_clear_error_and_leaves_the_run_incomplete(nnunet_smoke_run, tmp_path):
     with pytest.raises(FewsamError, match="nnUNetv2_train failed with exit code") as error:
-        run_nnunet(str(HIPPOCAMPUS_MANIFEST), trainer="nnUNetTrainer_fewsam5epochs", budget="matched",
-                   profile="smoke", results_dir=tmp_path, device="tpu")
+        run_nnunet(
+            str(HIPPOCAMPUS_MANIFEST),
+            trainer="nnUNetTrainer_fewsam5epochs",
+            budget="matched",
+            profile="smoke",
+            results_dir=tmp_path,
+            device="tpu",
+        )
     assert "-device must be either cpu, mps or cuda" in str(error.value)  # the end of nnU-Net's own output
     folder = next((tmp_path / "runs").glob("*/nnunet/*"))
     with pytest.raises(IncompleteRun):
         load_run(folder)
 
 
-def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nnunet_smoke_run, hippocampus,
-                                                                               tmp_path):
-    folder = run_nnunet(str(HIPPOCAMPUS_MANIFEST), configuration="3d_fullres", trainer="nnUNetTrainer_fewsamSmoke",
-                        budget="matched", profile="smoke", results_dir=tmp_path)
+def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nnunet_smoke_run, hippocampus, tmp_path):
+    folder = run_nnunet(
+        str(HIPPOCAMPUS_MANIFEST),
+        configuration="3d_fullres",
+        trainer="nnUNetTrainer_fewsamSmoke",
+        budget="matched",
+        profile="smoke",
+        results_dir=tmp_path,
+    )
     meta, metrics = load_run(folder)
     assert meta["variant"] == "3d_fullres-nnUNetTrainer_fewsamSmoke"
     assert len(meta["nnunet_training"]["patch_size"]) == 3  # nnU-Net planned and trained a 3D network
@@ -129,37 +165,52 @@ def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nn
 
 
 def test_every_profiles_trainer_is_found_and_an_unknown_one_is_refused_before_any_work(nnunet_roots, tmp_path):
-    from fewsam_lib.nnunet import check_trainer, nnunet_environment
+    from fewsam_lib.bench.profiles import available_profiles, load_profile
+    from fewsam_lib.methods.nnunet import check_trainer, nnunet_environment
     from fewsam_lib.paths import nnunet_roots as roots
-    from fewsam_lib.profiles import available_profiles, load_profile
 
     env = nnunet_environment(roots())
-    profile_trainers = {run.variant.split("-", 1)[1] for profile in available_profiles()
-                        for run in load_profile(profile).runs() if run.method == "nnunet"}
+    profile_trainers = {
+        run.variant.split("-", 1)[1]
+        for profile in available_profiles()
+        for run in load_profile(profile).runs()
+        if run.method == "nnunet"
+    }
     assert "nnUNetTrainer_fewsam5epochsBatch13" in profile_trainers  # cpu, CT full budget
     for trainer in profile_trainers:
         check_trainer(trainer, env)
     check_trainer("nnUNetTrainer_5epochs", env)  # one of nnunetv2's own
     exported = sorted((nnunet_roots / "raw").glob("*"))
     with pytest.raises(FewsamError, match="unknown nnU-Net trainer 'nnUNetTrainer_noSuchSchedule'"):
-        run_nnunet(HIPPOCAMPUS_MANIFEST, trainer="nnUNetTrainer_noSuchSchedule", budget="matched", profile="smoke",
-                   results_dir=tmp_path / "results")
+        run_nnunet(
+            HIPPOCAMPUS_MANIFEST,
+            trainer="nnUNetTrainer_noSuchSchedule",
+            budget="matched",
+            profile="smoke",
+            results_dir=tmp_path / "results",
+        )
     assert not (tmp_path / "results").exists() and sorted((nnunet_roots / "raw").glob("*")) == exported
 
 
 def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_the_planned_batch(
-        nnunet_smoke_run, nnunet_roots):
-    from fewsam_lib.nnunet_trainers.fewsam_trainers import (nnUNetTrainer_fewsam5epochs,
-                                                            nnUNetTrainer_fewsam5epochsBatch13,
-                                                            nnUNetTrainer_fewsam5epochsBatch32)
+    nnunet_smoke_run, nnunet_roots
+):
+    from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import (
+        nnUNetTrainer_fewsam5epochs,
+        nnUNetTrainer_fewsam5epochsBatch13,
+        nnUNetTrainer_fewsam5epochsBatch32,
+    )
 
     dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
     plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
     planned = plans["configurations"]["2d"]["batch_size"]
     assert planned < 13  # two hippocampus volumes
-    for trainer_class in (nnUNetTrainer_fewsam5epochs, nnUNetTrainer_fewsam5epochsBatch32,
-                          nnUNetTrainer_fewsam5epochsBatch13):
+    for trainer_class in (
+        nnUNetTrainer_fewsam5epochs,
+        nnUNetTrainer_fewsam5epochsBatch32,
+        nnUNetTrainer_fewsam5epochsBatch13,
+    ):
         trainer = build_trainer(trainer_class, plans, dataset_json)
         assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)
         assert trainer.batch_size == planned  # a small plan is left as it is
@@ -170,11 +221,12 @@ def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_t
     assert build_trainer(nnUNetTrainer_fewsam5epochsBatch13, plans, dataset_json).batch_size == 13
 
 
-def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(nnunet_smoke_run, nnunet_roots, tmp_path,
-                                                                          monkeypatch):
+def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(
+    nnunet_smoke_run, nnunet_roots, tmp_path, monkeypatch
+):
     import torch
 
-    from fewsam_lib.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochs
+    from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochs
 
     dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
     plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())

@@ -8,12 +8,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics, results_dir_of
 from scipy import ndimage
 
-from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics, results_dir_of
+from fewsam_lib.bench.metrics import overlap
+from fewsam_lib.bench.runs import IncompleteRun, RunSpec, collect_metrics, load_run, summarize
+from fewsam_lib.data.volumes import load_case, take_slice
 from fewsam_lib.errors import FewsamError
-from fewsam_lib.metrics import overlap
-from fewsam_lib.prompting import (
+from fewsam_lib.methods.prompting import (
     JITTER,
     PROMPT_VARIANTS,
     bounding_box,
@@ -21,10 +23,8 @@ from fewsam_lib.prompting import (
     innermost_point,
     make_prompt,
     prompt_rng,
-    resolve_overlaps,
 )
-from fewsam_lib.runs import IncompleteRun, RunSpec, collect_metrics, load_run, summarize
-from fewsam_lib.volumes import load_case, take_slice
+from fewsam_lib.methods.sam_decoding import resolve_overlaps
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +109,16 @@ def test_sam_receives_pixel_centres_of_the_resized_slice(mobile_sam):
         captured["points"] = points.clone()
         return original(points, labels, pad)
 
-    from fewsam_lib.prompting import predict_masks
+    from fewsam_lib.methods.prompting import predict_masks
 
     mask = np.zeros((35, 51), bool)
     mask[10:15, 20:30] = True
     prompt = make_prompt(mask, get_variant("point1"), np.random.default_rng(0))
     encoder._embed_points = spy
     try:
-        logits, _ = predict_masks(mobile_sam.model, torch.zeros(256, 64, 64), mask.shape, [prompt], get_variant("point1"))
+        logits, _ = predict_masks(
+            mobile_sam.model, torch.zeros(256, 64, 64), mask.shape, [prompt], get_variant("point1")
+        )
     finally:
         encoder._embed_points = original
     assert logits.shape == (1, 35, 51)
@@ -181,7 +183,9 @@ def test_summarize_aggregates_and_skips_incomplete_runs(smoke_run):
     expected = metrics[(metrics.level == "slice") & (metrics.task == "posterior")].dice
     assert row["mean"] == pytest.approx(expected.mean()) and row["n"] == len(expected)
     assert row["ci95_low"] <= row["mean"] <= row["ci95_high"]
-    assert (results / "tables" / "summary.csv").exists() and "posterior" in (results / "tables" / "summary.md").read_text()
+    assert (results / "tables" / "summary.csv").exists() and "posterior" in (
+        results / "tables" / "summary.md"
+    ).read_text()
 
     broken = folder.parent / "mobile_sam_point1_seed0_smoke"
     broken.mkdir()
@@ -195,7 +199,8 @@ def test_summarize_aggregates_and_skips_incomplete_runs(smoke_run):
 
 
 def test_a_failed_run_stays_marked_running(smoke_run, monkeypatch):
-    from fewsam_lib import prompting
+    from fewsam_lib.bench.evaluate import evaluate
+    from fewsam_lib.methods import PlannedRun, prompting
 
     results, _ = smoke_run
 
@@ -204,8 +209,11 @@ def test_a_failed_run_stays_marked_running(smoke_run, monkeypatch):
 
     monkeypatch.setattr(prompting, "predict_masks", broken)
     with pytest.raises(RuntimeError, match="decoder exploded"):
-        prompting.run_prompting(str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "point3", seed=0, profile="smoke",
-                                results_dir=results, progress=False)
+        evaluate(
+            PlannedRun("sam_prompting", str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "point3", 0, "smoke"),
+            results_dir=results,
+            progress=False,
+        )
     folder = RunSpec("msd_hippocampus", "sam_prompting", "point3", "mobile_sam", 0, "smoke").folder(results)
     assert json.loads((folder / "run.json").read_text())["status"] == "running"
     with pytest.raises(IncompleteRun, match="not complete"):
@@ -215,6 +223,19 @@ def test_a_failed_run_stays_marked_running(smoke_run, monkeypatch):
 def test_run_command_rejects_an_unknown_variant(capsys):
     from fewsam_lib.cli import main
 
-    assert main(["run", "prompting", str(HIPPOCAMPUS_MANIFEST), "--backbone", "mobile_sam", "--variant", "lasso",
-                 "--no-notebook"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "prompting",
+                str(HIPPOCAMPUS_MANIFEST),
+                "--backbone",
+                "mobile_sam",
+                "--variant",
+                "lasso",
+                "--no-notebook",
+            ]
+        )
+        == 2
+    )
     assert "unknown prompt variant 'lasso'" in capsys.readouterr().err

@@ -11,20 +11,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import results_dir_of
+
+from fewsam_lib.bench.profiles import _profile_from, load_profile
+from fewsam_lib.bench.reproduce import reproduce, write_makefile
+from fewsam_lib.bench.runs import IncompleteRun, summarize, verify_run
 from fewsam_lib.cli import main
+from fewsam_lib.data.volumes import grey_slices, load_case, take_slice
 from fewsam_lib.errors import FewsamError
-from fewsam_lib.profiles import _profile_from, load_profile
-from fewsam_lib.report import (REPORT_TABLES, headline_sentences, label_efficiency_figure, readable_log_ticks,
-                               replace_block, representative_slices, run_index, write_report, zoom_window)
-from fewsam_lib.reproduce import reproduce, write_makefile
-from fewsam_lib.runs import IncompleteRun, summarize, verify_run
-from fewsam_lib.volumes import grey_slices, load_case, take_slice
+from fewsam_lib.report.benchmark import (
+    REPORT_TABLES,
+    headline_sentences,
+    label_efficiency_figure,
+    readable_log_ticks,
+    replace_block,
+    representative_slices,
+    run_index,
+    write_report,
+    zoom_window,
+)
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
-        prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, ct_smoke_runs, tmp_path):
+    prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, ct_smoke_runs, tmp_path
+):
     results = tmp_path / "results"
     hippocampus_runs = [prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run]
     folders = []
@@ -33,8 +43,10 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
         shutil.copytree(run_folder, target)
         folders.append(target)
     assert [(run.method, run.manifest) for run in load_profile("smoke").runs()] == [
-        (method, f"data_manifests/{dataset}.yaml") for method in ("sam_prompting", "fewshot", "nnunet")
-        for dataset in ("msd_hippocampus", "openkbp_hn_ct")]
+        (method, f"data_manifests/{dataset}.yaml")
+        for method in ("sam_prompting", "fewshot", "nnunet")
+        for dataset in ("msd_hippocampus", "openkbp_hn_ct")
+    ]
     stamps = [(folder / "run.json").stat().st_mtime_ns for folder in folders]
 
     assert reproduce("smoke", results, dry_run=True) == [(folder, "complete") for folder in folders]
@@ -60,8 +72,9 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert subprocess.run(["make", "-q", *report[1:]]).returncode == 0
     assert "Nothing to be done" in subprocess.run(report, capture_output=True, text=True).stdout
     report_rule = next(line for line in makefile.read_text().splitlines() if "report-smoke.done:" in line)
-    assert {"fewsam_lib/profiles/smoke.yaml", "fewsam_lib/report.py", "notebooks/90_report.ipynb"} <= set(
-        report_rule.split())  # the report is remade when its code changes
+    assert {"fewsam_lib/profiles/smoke.yaml", "fewsam_lib/report/benchmark.py", "notebooks/90_report.ipynb"} <= set(
+        report_rule.split()
+    )  # the report is remade when its code changes
     made_at = makefile.with_name("report-smoke.done").stat().st_mtime_ns
     os.utime(folders[0] / ".complete", ns=(made_at + 10**9, made_at + 10**9))  # a run redone a second later
     assert subprocess.run(["make", "-q", *report[1:]]).returncode == 1
@@ -69,7 +82,6 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
         assert "slices_with_task" in (results / "datasets" / dataset / "00_dataset_overview.ipynb").read_text()
     assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {"sam_prompting", "fewshot", "nnunet"}
     assert (results / "figures" / "prompting_iou.png").exists()
-    assert (results / "figures" / "fewshot_iou_vs_shots.png").exists()
 
     # The report: every table and figure, from the run folders alone.
     assert "main_table.md" in (results / "report" / "smoke" / "90_report.ipynb").read_text()
@@ -80,7 +92,12 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     table = pd.read_csv(results / "tables" / "main_table.csv")
     assert set(table.level) == {"slice", "volume"}
     assert set(table[table.dataset == "openkbp_hn_ct"].task) == {
-        "Brainstem", "SpinalCord", "Mandible", "LeftParotid", "RightParotid"}
+        "Brainstem",
+        "SpinalCord",
+        "Mandible",
+        "LeftParotid",
+        "RightParotid",
+    }
     summary = pd.read_csv(results / "tables" / "summary.csv")
     few = summary[(summary.method == "fewshot") & (summary.metric == "iou") & (summary.level == "slice")]
     anterior = table[(table.task == "anterior") & (table.level == "slice") & table.label.str.startswith("few-shot")]
@@ -108,7 +125,8 @@ def test_report_refuses_an_incomplete_run(prompting_smoke_run, tmp_path):
 
 
 def test_verify_catches_an_edited_number_a_dropped_row_a_changed_prediction_and_a_missing_one(
-        prompting_smoke_run, tmp_path, capsys):
+    prompting_smoke_run, tmp_path, capsys
+):
     import nibabel as nib
     import numpy as np
 
@@ -127,8 +145,10 @@ def test_verify_catches_an_edited_number_a_dropped_row_a_changed_prediction_and_
     metrics = pd.read_csv(folder / "metrics.csv", dtype={"case_id": str})
     dropped = metrics[metrics.level == "slice"].index[0]
     metrics.drop(index=[dropped]).to_csv(folder / "metrics.csv", index=False)
-    assert verify_run(folder) == [f"{folder}: {metrics.case_id[dropped]} {metrics.task[dropped]} slice slice "
-                                  f"{int(metrics.slice_index[dropped])}: not recorded"]
+    assert verify_run(folder) == [
+        f"{folder}: {metrics.case_id[dropped]} {metrics.task[dropped]} slice slice "
+        f"{int(metrics.slice_index[dropped])}: not recorded"
+    ]
 
     (folder / "metrics.csv").write_text(recorded)
     prediction_file = next((folder / "predictions").glob("*.nii.gz"))
@@ -136,12 +156,17 @@ def test_verify_catches_an_edited_number_a_dropped_row_a_changed_prediction_and_
     nib.save(nib.Nifti1Image(np.zeros(image.shape, dtype=np.uint8), image.affine, image.header), prediction_file)
     assert any("pred_voxels recorded" in problem for problem in verify_run(folder))
     prediction_file.unlink()
-    assert verify_run(folder) == [f"{folder}: no saved prediction for {prediction_file.name[:-7]} ({prediction_file.name})"]
+    assert verify_run(folder) == [
+        f"{folder}: no saved prediction for {prediction_file.name[:-7]} ({prediction_file.name})"
+    ]
 
 
 def test_readme_blocks_are_replaced_between_their_markers():
     text = "a\n<!-- report:main_table -->\nold\n<!-- /report:main_table -->\nb\n"
-    assert replace_block(text, "main_table", "new\n") == "a\n<!-- report:main_table -->\nnew\n<!-- /report:main_table -->\nb\n"
+    assert (
+        replace_block(text, "main_table", "new\n")
+        == "a\n<!-- report:main_table -->\nnew\n<!-- /report:main_table -->\nb\n"
+    )
     with pytest.raises(FewsamError, match="report:headline"):
         replace_block(text, "headline", "x")
 
@@ -190,8 +215,11 @@ def _every_label_inside(truth: np.ndarray, rows: slice, columns: slice) -> bool:
 
 def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(tmp_path):
     committed = Path(__file__).resolve().parents[1] / "results"
-    matched = [folder for folder in sorted((committed / "runs").glob("*/nnunet/*_cpu"))
-               if json.loads((folder / "run.json").read_text()).get("label_budget", {}).get("name") != "full"]
+    matched = [
+        folder
+        for folder in sorted((committed / "runs").glob("*/nnunet/*_cpu"))
+        if json.loads((folder / "run.json").read_text()).get("label_budget", {}).get("name") != "full"
+    ]
     assert {folder.parts[-3] for folder in matched} == {"msd_hippocampus", "openkbp_hn_ct"}  # committed cpu runs
     for folder in matched:
         shutil.copytree(folder, tmp_path / folder.relative_to(committed))
@@ -241,17 +269,23 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     monkeypatch.setenv("FEWSAM_SAM_VIT_B_CHECKPOINT", str(checkpoint))
     assert full.backbones("fewshot") == ["mobile_sam", "lite_medsam", "sam_vit_b"]
     assert {run.backbone for run in full.runs() if run.method == "sam_prompting"} == {
-        "mobile_sam", "lite_medsam", "sam_vit_b"}
+        "mobile_sam",
+        "lite_medsam",
+        "sam_vit_b",
+    }
     assert {run.manifest for run in load_profile("cpu").runs()} == {
-        "data_manifests/msd_hippocampus.yaml", "data_manifests/openkbp_hn_ct.yaml"}
+        "data_manifests/msd_hippocampus.yaml",
+        "data_manifests/openkbp_hn_ct.yaml",
+    }
 
 
 def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_dataset():
     smoke = load_profile("smoke")
     ct = load_profile("smoke", "data_manifests/openkbp_hn_ct.yaml")
-    assert smoke.fewshot_training == {"steps": 60}
-    assert ct.fewshot_training == {"steps": 20, "slices_per_step": 1} and ct.fewshot_shots == [1]
-    assert smoke.fewshot_shots == [5] and ct.raw["fewshot"]["backbones"] == smoke.raw["fewshot"]["backbones"]
+    assert smoke.section("fewshot").training == {"steps": 60}
+    assert ct.section("fewshot").training == {"steps": 20, "slices_per_step": 1} and ct.section("fewshot").shots == (1,)
+    assert smoke.section("fewshot").shots == (5,)
+    assert ct.section("fewshot").backbones == smoke.section("fewshot").backbones
     assert ct.test_slices == smoke.test_slices == 12
     assert load_profile("smoke", "data_manifests/msd_hippocampus.yaml").raw == smoke.raw
 
@@ -264,9 +298,17 @@ def test_nnunet_trainers_may_be_listed_per_budget():
         ("msd_hippocampus", "full", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("openkbp_hn_ct", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13"),
-        ("openkbp_hn_ct", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32")}
-    one_budget_listed = dict(load_profile("cpu").raw, overrides={},
-                             nnunet={"configurations": ["2d"], "budgets": ["full", "matched"],
-                                     "trainers": {"matched": ["nnUNetTrainer_fewsamSmoke"]}})
+        ("openkbp_hn_ct", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
+    }
+    one_budget_listed = dict(
+        load_profile("cpu").raw,
+        overrides={},
+        nnunet={
+            "configurations": ["2d"],
+            "budgets": ["full", "matched"],
+            "trainers": {"matched": ["nnUNetTrainer_fewsamSmoke"]},
+        },
+    )
     assert {(budget, variant) for _, budget, variant in nnunet_cells(_profile_from(one_budget_listed))} == {
-        ("matched", "2d-nnUNetTrainer_fewsamSmoke")}
+        ("matched", "2d-nnUNetTrainer_fewsamSmoke")
+    }

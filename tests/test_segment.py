@@ -6,12 +6,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fewsam_lib.bench.metrics import overlap
+from fewsam_lib.bench.profiles import load_profile
+from fewsam_lib.bench.runs import load_run
 from fewsam_lib.cli import main
-from fewsam_lib.fewshot import MODEL_FILE
-from fewsam_lib.metrics import overlap
-from fewsam_lib.profiles import load_profile
-from fewsam_lib.runs import load_run
-from fewsam_lib.volumes import load_case
+from fewsam_lib.data.volumes import load_case
+from fewsam_lib.methods.fewshot import MODEL_FILE
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def partial_support(hippocampus, tmp_path_factory):
     label = nib.load(case.label)
     data = np.asarray(label.dataobj).astype(np.uint8)
     both = [i for i in range(data.shape[2]) if {1, 2} <= set(np.unique(data[:, :, i]))]
-    keep = both[len(both) // 2 - 1: len(both) // 2 + 2]
+    keep = both[len(both) // 2 - 1 : len(both) // 2 + 2]
     partial = np.zeros_like(data)
     partial[:, :, keep] = data[:, :, keep]
     folder = tmp_path_factory.mktemp("support")
@@ -39,13 +39,27 @@ def _segment(*arguments: str) -> int:
     return main(["segment", "--quiet", "--steps", "10", *map(str, arguments)])
 
 
-def test_segment_trains_on_the_labelled_slices_writes_the_query_and_reloads(partial_support, query, tmp_path,
-                                                                            capsys):
+def test_segment_trains_on_the_labelled_slices_writes_the_query_and_reloads(partial_support, query, tmp_path, capsys):
     """The mechanics, with a 10-step schedule (the decoder's quality is tested on the runs)."""
     image, partial, _, keep = partial_support
     out, model = tmp_path / "prediction.nii.gz", tmp_path / "model.pt"
-    assert _segment("--support", image, "--support-labels", partial, "--query", query.image, "--out", out,
-                    "--labels", "1=anterior,2=posterior", "--save-model", model) == 0
+    assert (
+        _segment(
+            "--support",
+            image,
+            "--support-labels",
+            partial,
+            "--query",
+            query.image,
+            "--out",
+            out,
+            "--labels",
+            "1=anterior,2=posterior",
+            "--save-model",
+            model,
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"trained on 3 labelled slices of {image}: {keep}" in printed and "anterior" in printed
 
@@ -60,14 +74,17 @@ def test_segment_trains_on_the_labelled_slices_writes_the_query_and_reloads(part
     assert not list(tmp_path.glob(".*partial*"))  # atomic writes left nothing behind
 
 
-def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(fewshot_smoke_run, query, hippocampus,
-                                                                          tmp_path):
+def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(
+    fewshot_smoke_run, query, hippocampus, tmp_path
+):
     """The model file a benchmark run saves segments the same case identically through the CLI."""
     out = tmp_path / "prediction.nii.gz"
     assert _segment("--model", fewshot_smoke_run / MODEL_FILE, "--query", query.image, "--out", out) == 0
     volume = load_case(hippocampus, query.case_id)
-    segmented, recorded = (np.moveaxis(volume.read_on_canonical_grid(path), hippocampus.slice_axis, 0)
-                           for path in (out, fewshot_smoke_run / "predictions" / f"{query.case_id}.nii.gz"))
+    segmented, recorded = (
+        np.moveaxis(volume.read_on_canonical_grid(path), hippocampus.slice_axis, 0)
+        for path in (out, fewshot_smoke_run / "predictions" / f"{query.case_id}.nii.gz")
+    )
     start, stop = load_run(fewshot_smoke_run)[0]["scored_slices"][query.case_id]  # the smoke profile's slab
     np.testing.assert_array_equal(segmented[start:stop], recorded[start:stop])
     assert not recorded[:start].any() and not recorded[stop:].any()
@@ -75,15 +92,18 @@ def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(fewsho
     assert overlap(truth > 0, np.asarray(nib.load(out).dataobj) > 0)[1] > 0.3
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("empty_labels", "empty.nii.gz: no labelled slice"),
-    ("other_grid", "differs from image shape"),
-    ("unknown_backbone", "unknown backbone 'sam_vit_z'"),
-    ("unnamed_label", "label values [2] are not named in --labels"),
-    ("missing_query", "missing.nii.gz: file does not exist"),
-    ("model_and_support", "exclude each other"),
-    ("nothing_to_learn_from", "give --support and --support-labels"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("empty_labels", "empty.nii.gz: no labelled slice"),
+        ("other_grid", "differs from image shape"),
+        ("unknown_backbone", "unknown backbone 'sam_vit_z'"),
+        ("unnamed_label", "label values [2] are not named in --labels"),
+        ("missing_query", "missing.nii.gz: file does not exist"),
+        ("model_and_support", "exclude each other"),
+        ("nothing_to_learn_from", "give --support and --support-labels"),
+    ],
+)
 def test_segment_errors_are_one_clear_line(case, expected, partial_support, query, hippocampus, tmp_path, capsys):
     image, partial, empty, _ = partial_support
     other_label = hippocampus.case(hippocampus.case_ids("train")[1]).label
@@ -102,4 +122,3 @@ def test_segment_errors_are_one_clear_line(case, expected, partial_support, quer
     error = capsys.readouterr().err
     assert expected in error and "Traceback" not in error and error.count("\n") == 1
     assert not (tmp_path / "out.nii.gz").exists()
-

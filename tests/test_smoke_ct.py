@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from conftest import assert_predictions_reproduce_the_metrics
-from fewsam_lib.profiles import load_profile
-from fewsam_lib.runs import load_run
-from fewsam_lib.volumes import load_case
+
+from fewsam_lib.bench.profiles import load_profile
+from fewsam_lib.bench.runs import load_run
+from fewsam_lib.data.volumes import load_case
 
 
 def test_ct_smoke_runs_score_the_profile_slab_and_their_predictions_reproduce_the_metrics(ct_smoke_runs, openkbp):

@@ -6,9 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fewsam_lib.errors import VolumeError
-from fewsam_lib.manifest import IntensitySpec
-from fewsam_lib.volumes import (
+from fewsam_lib.data.manifest import IntensitySpec
+from fewsam_lib.data.volumes import (
     load_case,
     load_volume,
     normalise_intensity,
@@ -17,6 +16,7 @@ from fewsam_lib.volumes import (
     take_slice,
     task_voxels_per_slice,
 )
+from fewsam_lib.errors import VolumeError
 
 
 def test_real_case_loads_canonically(hippocampus):
@@ -35,7 +35,9 @@ def test_non_ras_files_reorient_and_map_back(tmp_path, hippocampus):
     reference = load_case(hippocampus, case.case_id)
     image, label = nib.load(case.image), nib.load(case.label)
     # New voxel (a, b, c) holds old voxel (X-1-a, c, Z-1-b): x flipped, y and z swapped, z flipped.
-    flip_permute = np.array([[-1, 0, 0, image.shape[0] - 1], [0, 0, 1, 0], [0, -1, 0, image.shape[2] - 1], [0, 0, 0, 1]])
+    flip_permute = np.array(
+        [[-1, 0, 0, image.shape[0] - 1], [0, 0, 1, 0], [0, -1, 0, image.shape[2] - 1], [0, 0, 0, 1]]
+    )
     affine = image.affine @ flip_permute
     data = np.transpose(np.asarray(image.dataobj)[::-1, :, ::-1], (0, 2, 1))
     labels = np.transpose(np.asarray(label.dataobj)[::-1, :, ::-1], (0, 2, 1))
@@ -78,7 +80,9 @@ def test_window_and_none_intensity():
     hounsfield = np.array([-1200.0, -160.0, 40.0, 240.0, 3000.0], dtype=np.float32)
     grey = normalise_intensity(hounsfield, IntensitySpec("window", level=40, width=400))
     np.testing.assert_allclose(grey, [0.0, 0.0, 127.5, 255.0, 255.0])
-    np.testing.assert_allclose(normalise_intensity(np.array([-5.0, 100.0, 300.0]), IntensitySpec("none")), [0, 100, 255])
+    np.testing.assert_allclose(
+        normalise_intensity(np.array([-5.0, 100.0, 300.0]), IntensitySpec("none")), [0, 100, 255]
+    )
     assert not normalise_intensity(np.zeros(4), IntensitySpec("percentile")).any()
 
 

@@ -10,12 +10,19 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .manifest import Manifest
-from .prompting import Prompt, get_variant, make_prompt, prompt_rng
-from .runs import METRICS, load_run, manifest_of
-from .volumes import Volume, grey_slices, load_case, normalise_intensity, slice_table, take_slice, task_voxels_per_slice
-
-TASK_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+from ..bench.runs import METRICS, load_run, manifest_of
+from ..data.manifest import Manifest
+from ..data.volumes import (
+    Volume,
+    grey_slices,
+    load_case,
+    normalise_intensity,
+    slice_table,
+    take_slice,
+    task_voxels_per_slice,
+)
+from ..methods.base import get_method
+from .drawing import TASK_COLOURS, draw_contour, draw_labels, show_slice
 
 
 def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -23,35 +30,14 @@ def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics.groupby(["level", "task"])[METRICS].agg(["mean", "std", "count"]).round(3)
 
 
-def _draw_labels(ax: plt.Axes, label_slice: np.ndarray, tasks: dict[int, str]) -> None:
-    for colour, value in zip(TASK_COLOURS, tasks):
-        mask = label_slice == value
-        if mask.any():
-            ax.imshow(np.ma.masked_where(~mask, mask), cmap=plt.matplotlib.colors.ListedColormap([colour]),
-                      alpha=0.45, interpolation="nearest", origin="lower")
-
-
-def _draw_contour(ax: plt.Axes, mask: np.ndarray) -> None:
-    if mask.any():
-        ax.contour(mask, levels=[0.5], colors=["white"], linewidths=1.0, linestyles="dashed", origin="lower")
-
-
-def _show(ax: plt.Axes, grey: np.ndarray, title: str) -> None:
-    # A slice array is (first remaining axis, second remaining axis) of the RAS+ volume; the
-    # display puts the first along the horizontal axis.
-    ax.imshow(grey.T, cmap="gray", vmin=0, vmax=255, origin="lower", interpolation="nearest")
-    ax.set_title(title, fontsize=8)
-    ax.set_axis_off()
-
-
 def run_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
     """Image, ground truth and prediction on the worst, median and best scored slices of a run.
 
-    Prompting runs also show the prompt that produced each prediction.
+    A method may draw more on each prediction (prompting: the prompt that produced it).
     """
     meta, metrics = load_run(run_folder)
     manifest = manifest_of(meta)
-    variant = get_variant(meta["variant"]) if meta["method"] == "sam_prompting" else None
+    method = get_method(meta["method"])
     rows = metrics[metrics.level == "slice"].sort_values(["dice", "case_id", "slice_index"]).reset_index(drop=True)
     picks = rows.iloc[np.unique(np.linspace(0, len(rows) - 1, examples).round().astype(int))]
     figure, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.6 * len(picks)), squeeze=False)
@@ -62,29 +48,20 @@ def run_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
         predicted = volume.read_on_canonical_grid(Path(run_folder) / "predictions" / f"{row.case_id}.nii.gz")
         pred = take_slice(predicted, manifest.slice_axis, row.slice_index)
         value = manifest.label_of(row.task)
-        _show(row_axes[0], grey, f"{row.case_id} slice {row.slice_index}")
-        _show(row_axes[1], grey, "ground truth")
-        _draw_labels(row_axes[1], gt.T, manifest.tasks)
-        _show(row_axes[2], grey, f"{row.task}: Dice {row.dice:.2f}")
-        _draw_labels(row_axes[2], pred.T, manifest.tasks)
-        _draw_contour(row_axes[2], (gt == value).T)
-        if variant is not None:
-            prompt = make_prompt(gt == value, variant, prompt_rng(meta["seed"], row.case_id, int(row.slice_index), value))
-            _draw_prompt(row_axes[2], prompt)
+        show_slice(row_axes[0], grey, f"{row.case_id} slice {row.slice_index}")
+        show_slice(row_axes[1], grey, "ground truth")
+        draw_labels(row_axes[1], gt.T, manifest.tasks)
+        show_slice(row_axes[2], grey, f"{row.task}: Dice {row.dice:.2f}")
+        draw_labels(row_axes[2], pred.T, manifest.tasks)
+        draw_contour(row_axes[2], (gt == value).T)
+        method.draw_example(row_axes[2], meta, row.case_id, int(row.slice_index), gt == value, value)
     shots = f" · {meta['shots']} shots" if meta.get("shots") is not None else ""
-    figure.suptitle(f"{meta['backbone']} · {meta['method']} {meta['variant']}{shots} · seed {meta['seed']} · "
-                    f"{meta['profile']}", fontsize=9)
+    figure.suptitle(
+        f"{meta['backbone']} · {meta['method']} {meta['variant']}{shots} · seed {meta['seed']} · {meta['profile']}",
+        fontsize=9,
+    )
     figure.tight_layout()
     return figure
-
-
-def _draw_prompt(ax: plt.Axes, prompt: Prompt) -> None:
-    for (x, y), positive in zip(prompt.points, prompt.labels):
-        # Prompt x is a slice column, drawn vertically in the transposed display.
-        ax.plot(y - 0.5, x - 0.5, marker="*" if positive else "x", color="yellow", markersize=9)
-    if prompt.box is not None:
-        x0, y0, x1, y1 = prompt.box - 0.5
-        ax.add_patch(plt.Rectangle((y0, x0), y1 - y0, x1 - x0, fill=False, edgecolor="yellow", linewidth=1))
 
 
 def collection_figure(run_folder: str | Path, limit: int = 10) -> plt.Figure:
@@ -101,11 +78,14 @@ def collection_figure(run_folder: str | Path, limit: int = 10) -> plt.Figure:
     for ax, support in zip(axes.ravel(), slices):
         case_id, index = support["case_id"], support["slice_index"]
         volume = volumes.setdefault(case_id, load_case(manifest, case_id))
-        _show(ax, grey_slices(manifest, volume, [index])[0], f"{case_id} slice {index}")
-        _draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
+        show_slice(ax, grey_slices(manifest, volume, [index])[0], f"{case_id} slice {index}")
+        draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
     total = len(meta["collection"]["slices"])
-    figure.suptitle(f"few-shot collection: {meta['shots']} slices per task, seed {meta['seed']} "
-                    f"({total} distinct slices{'' if total <= limit else f', first {limit} shown'})", fontsize=9)
+    figure.suptitle(
+        f"few-shot collection: {meta['shots']} slices per task, seed {meta['seed']} "
+        f"({total} distinct slices{'' if total <= limit else f', first {limit} shown'})",
+        fontsize=9,
+    )
     figure.tight_layout()
     return figure
 
@@ -167,13 +147,23 @@ def empty_slice_behaviour(run_folder: str | Path) -> pd.DataFrame:
             found = task_voxels_per_slice(predicted == value, axis, {1: task})[task].to_numpy()
             counts[task][0] += int((truth == 0).sum())
             counts[task][1] += int(((truth == 0) & (found > 0)).sum())
-    return pd.DataFrame([{"task": task, "slices_without_task": n, "predicted_anyway": wrong,
-                          "false_positive_rate": round(wrong / n, 3) if n else np.nan}
-                         for task, (n, wrong) in counts.items()])
+    return pd.DataFrame(
+        [
+            {
+                "task": task,
+                "slices_without_task": n,
+                "predicted_anyway": wrong,
+                "false_positive_rate": round(wrong / n, 3) if n else np.nan,
+            }
+            for task, (n, wrong) in counts.items()
+        ]
+    )
 
 
 def split_summary(manifest: Manifest) -> pd.DataFrame:
-    return pd.DataFrame({"split": ["train", "test"], "cases": [len(manifest.split["train"]), len(manifest.split["test"])]})
+    return pd.DataFrame(
+        {"split": ["train", "test"], "cases": [len(manifest.split["train"]), len(manifest.split["test"])]}
+    )
 
 
 def slice_counts(manifest: Manifest, table: pd.DataFrame) -> pd.DataFrame:
@@ -187,9 +177,17 @@ def slice_counts(manifest: Manifest, table: pd.DataFrame) -> pd.DataFrame:
         for task in manifest.task_names:
             present = part[part[task] > 0]
             annotated = sum(task in manifest.annotated_tasks(case).values() for case in cases)
-            rows.append({"split": split, "task": task, "cases": len(cases), "cases_annotated": annotated,
-                         "slices": len(part), "slices_with_task": len(present),
-                         "mean_voxels_per_slice": round(present[task].mean(), 1)})
+            rows.append(
+                {
+                    "split": split,
+                    "task": task,
+                    "cases": len(cases),
+                    "cases_annotated": annotated,
+                    "slices": len(part),
+                    "slices_with_task": len(present),
+                    "mean_voxels_per_slice": round(present[task].mean(), 1),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -221,8 +219,8 @@ def example_overlays(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
         index = int(rows.slice_index.iloc[int(np.argmax(rows[manifest.task_names].sum(axis=1)))])
         volume = load_case(manifest, case_id)
         grey = grey_slices(manifest, volume, [index])[0]
-        _show(ax, grey, f"{case_id} slice {index}")
-        _draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
+        show_slice(ax, grey, f"{case_id} slice {index}")
+        draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
     handles = [plt.matplotlib.patches.Patch(color=c, label=t) for c, t in zip(TASK_COLOURS, manifest.task_names)]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
@@ -231,7 +229,7 @@ def example_overlays(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
 
 def prompting_figure(summary: pd.DataFrame) -> plt.Figure | None:
     """Slice-level IoU of every prompting run: mean with its 95% bootstrap interval, per task."""
-    rows = summary[(summary.method == "sam_prompting") & (summary.metric == "iou") & (summary.level == "slice")]
+    rows = summary[(summary.role == "prompted") & (summary.metric == "iou") & (summary.level == "slice")]
     if rows.empty:
         return None
     tasks = sorted(rows.task.unique())
@@ -245,8 +243,15 @@ def prompting_figure(summary: pd.DataFrame) -> plt.Figure | None:
             cells = part[part.backbone == backbone].set_index("variant").reindex(variants)
             x = np.arange(len(variants)) + (offset - (len(backbones) - 1) / 2) * width
             ax.bar(x, cells["mean"], width, color=colour, label=backbone)
-            ax.errorbar(x, cells["mean"], yerr=[cells["mean"] - cells.ci95_low, cells.ci95_high - cells["mean"]],
-                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+            ax.errorbar(
+                x,
+                cells["mean"],
+                yerr=[cells["mean"] - cells.ci95_low, cells.ci95_high - cells["mean"]],
+                fmt="none",
+                ecolor="black",
+                elinewidth=0.8,
+                capsize=2,
+            )
         ax.set_xticks(np.arange(len(variants)), variants, rotation=30, ha="right")
         ax.set(title=f"{rows.dataset.iloc[0]} · {task}", ylim=(0, 1), ylabel="IoU (slices with the task)")
     axes[0][-1].legend(fontsize=8)
@@ -254,63 +259,3 @@ def prompting_figure(summary: pd.DataFrame) -> plt.Figure | None:
     figure.suptitle(f"SAM prompting baselines (profile {profile}; mean and 95% bootstrap CI)", fontsize=9)
     figure.tight_layout()
     return figure
-
-
-REFERENCE_VARIANTS = ("point1", "box")  # prompting baselines drawn as horizontal lines
-
-
-def fewshot_figure(summary: pd.DataFrame) -> plt.Figure | None:
-    """Slice-level IoU against labelled slices per task: few-shot per backbone (mean, 95% CI over slices
-    and seeds), with the same backbone's prompting baselines as horizontal references."""
-    iou = summary[(summary.metric == "iou") & (summary.level == "slice")]
-    fewshot = iou[iou.method == "fewshot"].assign(shots=lambda f: f.shots.astype(int))
-    if fewshot.empty:
-        return None
-    profile = fewshot.profile.value_counts().idxmax()  # one profile per figure: same test cases throughout
-    fewshot = fewshot[fewshot.profile == profile]
-    prompting = iou[(iou.method == "sam_prompting") & iou.variant.isin(REFERENCE_VARIANTS) & (iou.profile == profile)]
-    panels = fewshot[["dataset", "task"]].drop_duplicates().sort_values(["dataset", "task"]).values.tolist()
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False, sharey=True)
-    styles = dict(zip(REFERENCE_VARIANTS, [":", "--"]))
-    for ax, (dataset, task) in zip(axes[0], panels):
-        on_panel = fewshot[(fewshot.dataset == dataset) & (fewshot.task == task)]
-        references = prompting[(prompting.dataset == dataset) & (prompting.task == task)]
-        for colour, backbone in zip(sns.color_palette("deep"), sorted(fewshot.backbone.unique())):
-            for variant, line in on_panel[on_panel.backbone == backbone].groupby("variant"):
-                line = line.sort_values("shots")
-                ax.plot(line.shots, line["mean"], marker="o", color=colour, label=f"{backbone} few-shot ({variant})")
-                ax.fill_between(line.shots, line.ci95_low, line.ci95_high, color=colour, alpha=0.2, linewidth=0)
-            for reference in references[references.backbone == backbone].itertuples():
-                ax.axhline(reference.mean, color=colour, linestyle=styles[reference.variant], linewidth=1,
-                           label=f"{backbone} SAM {reference.variant}")
-        shots = sorted(on_panel.shots.unique())
-        ax.set_xscale("log")
-        ax.set_xticks(shots, [str(s) for s in shots])
-        ax.minorticks_off()
-        ax.set(title=f"{dataset} · {task}", xlabel="labelled slices per task (shots)",
-               ylabel="IoU (slices with the task)", ylim=(0, 1))
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=7)
-    seeds = sorted(fewshot.seeds.unique())
-    seeds_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    figure.suptitle(f"Few-shot decoder vs SAM prompts (profile {profile}, seeds per point: {seeds_text}; "
-                    "mean and 95% bootstrap CI over slices and seeds)", fontsize=9)
-    figure.tight_layout(rect=(0, 0.12, 1, 1))
-    return figure
-
-
-RESULT_FIGURES = {"prompting_iou.png": prompting_figure, "fewshot_iou_vs_shots.png": fewshot_figure}
-
-
-def write_result_figures(results_dir: str | Path, summary: pd.DataFrame) -> list[Path]:
-    """The figures every summary regenerates, under ``results/figures/``."""
-    folder = Path(results_dir) / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, make in RESULT_FIGURES.items():
-        figure = make(summary)
-        if figure is not None:
-            written.append(folder / name)
-            figure.savefig(written[-1], dpi=130)
-            plt.close(figure)
-    return written

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import FewsamError
-from .manifest import SPLITS, Manifest, load_manifest
-from .volumes import load_volume
+from ..data.manifest import SPLITS, Manifest, load_manifest
+from ..data.volumes import load_volume
+from ..errors import FewsamError
 
 
 @dataclass
@@ -34,7 +34,9 @@ def _split_problems(manifest: Manifest) -> list[str]:
         unknown = sorted(set(ids) - set(manifest.cases))
         if unknown:
             listed = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            problems.append(f"{where}: split '{name}' names {len(unknown)} case(s) without an image/label pair: {listed}")
+            problems.append(
+                f"{where}: split '{name}' names {len(unknown)} case(s) without an image/label pair: {listed}"
+            )
         if len(set(ids)) != len(ids):
             problems.append(f"{where}: split '{name}' lists a case more than once")
     overlap = sorted(set(manifest.split["train"]) & set(manifest.split["test"]))
@@ -64,12 +66,15 @@ def validate(path: str | Path, progress: bool = True) -> ValidationReport:
         values, counts = np.unique(volume.label, return_counts=True)
         unexpected = sorted(set(values.tolist()) - known_values)
         if unexpected:
-            problems.append(f"{case.label}: label values {unexpected} are not in the manifest's label map "
-                            f"{sorted(known_values)}")
+            problems.append(
+                f"{case.label}: label values {unexpected} are not in the manifest's label map {sorted(known_values)}"
+            )
         for task in sorted(manifest.not_annotated.get(case.case_id, ())):
             if manifest.label_of(task) in values:
-                problems.append(f"{case.label}: task '{task}' is listed as not annotated in {manifest.path.name} "
-                                f"but has labelled voxels")
+                problems.append(
+                    f"{case.label}: task '{task}' is listed as not annotated in {manifest.path.name} "
+                    f"but has labelled voxels"
+                )
         for value, count in zip(values.tolist(), counts.tolist()):
             if value in task_voxels:
                 task_voxels[value] += count
@@ -78,8 +83,10 @@ def validate(path: str | Path, progress: bool = True) -> ValidationReport:
     if checked:
         for value, count in task_voxels.items():
             if count == 0:
-                problems.append(f"{manifest.path}: task '{manifest.tasks[value]}' (label {value}) has no "
-                                f"labelled voxels in any of the {checked} readable cases")
+                problems.append(
+                    f"{manifest.path}: task '{manifest.tasks[value]}' (label {value}) has no "
+                    f"labelled voxels in any of the {checked} readable cases"
+                )
     if not manifest.cases:
         problems.append(f"{manifest.path}: no image/label pairs found")
     return ValidationReport(manifest, problems, checked)

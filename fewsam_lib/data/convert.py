@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from .errors import FewsamError
+from ..errors import FewsamError
 
 OPENKBP_SHAPE = (128, 128, 128)
 # Structures written as labels (the issue's anatomy; PTVs are treatment targets, not anatomy, and
@@ -72,8 +72,10 @@ def find_patients(source: str | Path) -> list[Patient]:
     for split, folder_name in OPENKBP_SPLITS.items():
         folder = source / folder_name
         if not folder.is_dir():
-            raise ConversionError(f"{source}: no {folder_name}/ folder (expected OpenKBP's provided-data layout "
-                                  f"with {', '.join(OPENKBP_SPLITS.values())})")
+            raise ConversionError(
+                f"{source}: no {folder_name}/ folder (expected OpenKBP's provided-data layout "
+                f"with {', '.join(OPENKBP_SPLITS.values())})"
+            )
         patients += [Patient(p.name, p, split) for p in folder.iterdir() if p.is_dir() and p.name.startswith("pt_")]
     if not patients:
         raise ConversionError(f"{source}: no pt_* patient folders")
@@ -96,8 +98,9 @@ def _read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray 
         raise ConversionError(f"{path}: the first column must hold integer flat voxel indices") from None
     size = int(np.prod(OPENKBP_SHAPE))
     if indices.size and (not np.all(np.mod(indices, 1) == 0) or indices.min() < 0 or indices.max() >= size):
-        raise ConversionError(f"{path}: flat indices must be integers in [0, {size}) for the "
-                              f"{'x'.join(map(str, OPENKBP_SHAPE))} grid")
+        raise ConversionError(
+            f"{path}: flat indices must be integers in [0, {size}) for the {'x'.join(map(str, OPENKBP_SHAPE))} grid"
+        )
     indices = indices.astype(np.int64)
     if np.unique(indices).size != indices.size:
         raise ConversionError(f"{path}: a flat index is listed more than once")
@@ -156,8 +159,10 @@ def read_patient(patient: Patient) -> ConvertedPatient:
     hu = flat.reshape(OPENKBP_SHAPE) - HU_OFFSET
     if hu.max() > 32767 or hu.min() < -32768:
         raise ConversionError(f"{patient.folder / 'ct.csv'}: values outside the int16 HU range")
-    masks = {name: _dense_mask(_read_sparse(patient.folder / f"{name}.csv", with_values=False)[0])
-             for name in patient.contoured}
+    masks = {
+        name: _dense_mask(_read_sparse(patient.folder / f"{name}.csv", with_values=False)[0])
+        for name in patient.contoured
+    }
     empty = [name for name, mask in masks.items() if not mask.any()]
     if empty:
         raise ConversionError(f"{patient.folder / (empty[0] + '.csv')}: lists no voxel")
@@ -166,8 +171,9 @@ def read_patient(patient: Patient) -> ConvertedPatient:
     values_of = {name: value for value, name in OPENKBP_LABELS.items()}
     for name in by_size:  # largest first, so smaller structures are written last and win overlaps
         label[masks[name]] = values_of[name]
-    return ConvertedPatient(np.rint(hu).astype(np.int16), masks,
-                            label, read_voxel_size(patient.folder / "voxel_dimensions.csv"))
+    return ConvertedPatient(
+        np.rint(hu).astype(np.int16), masks, label, read_voxel_size(patient.folder / "voxel_dimensions.csv")
+    )
 
 
 def _world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -188,18 +194,24 @@ def orientation_problems(patient: Patient, converted: ConvertedPatient) -> list[
         # The cord runs inside the vertebral canal: bone within ~1 cm of it in its axial slices.
         ring = ndimage.binary_dilation(cord, structure=np.ones((5, 5, 1), dtype=bool)) & ~cord
         if np.mean(hu[ring] > BONE_HU) < 0.1:
-            problems.append(f"{where}: little bone around the spinal cord ({np.mean(hu[ring] > BONE_HU):.0%} "
-                            f"of its axial neighbourhood), so it is not inside the vertebrae")
+            problems.append(
+                f"{where}: little bone around the spinal cord ({np.mean(hu[ring] > BONE_HU):.0%} "
+                f"of its axial neighbourhood), so it is not inside the vertebrae"
+            )
         # Its length runs head to feet: it crosses more millimetres of axial planes than of any
         # other planes (counting occupied planes, so a stray contour voxel does not matter).
         extent = [len(np.unique(np.nonzero(cord)[axis])) * converted.voxel_size[axis] for axis in range(3)]
         if extent[2] <= max(extent[0], extent[1]):
-            problems.append(f"{where}: the spinal cord does not run head to feet (spans "
-                            f"{extent[0]:.0f}/{extent[1]:.0f}/{extent[2]:.0f} mm along the array axes)")
+            problems.append(
+                f"{where}: the spinal cord does not run head to feet (spans "
+                f"{extent[0]:.0f}/{extent[1]:.0f}/{extent[2]:.0f} mm along the array axes)"
+            )
     centre = {name: _world_centroid(mask, affine) for name, mask in masks.items() if mask.any()}
     if {"Brainstem", "SpinalCord"} <= centre.keys() and centre["Brainstem"][2] <= centre["SpinalCord"][2]:
-        problems.append(f"{where}: brainstem is not superior to the spinal cord (z {centre['Brainstem'][2]:.0f} "
-                        f"vs {centre['SpinalCord'][2]:.0f} mm)")
+        problems.append(
+            f"{where}: brainstem is not superior to the spinal cord (z {centre['Brainstem'][2]:.0f} "
+            f"vs {centre['SpinalCord'][2]:.0f} mm)"
+        )
     if {"Mandible", "SpinalCord"} <= centre.keys() and centre["Mandible"][1] <= centre["SpinalCord"][1]:
         problems.append(f"{where}: mandible is not anterior to the spinal cord")
     if {"LeftParotid", "RightParotid"} <= centre.keys() and centre["LeftParotid"][0] >= centre["RightParotid"][0]:
@@ -225,12 +237,14 @@ def is_converted(destination: str | Path, source: str | Path) -> bool:
         recorded = json.loads(stamp.read_text())
     except json.JSONDecodeError:
         return False
-    return (recorded.get("converter_version") == CONVERTER_VERSION
-            and recorded.get("source_digest") == _source_digest(find_patients(source)))
+    return recorded.get("converter_version") == CONVERTER_VERSION and recorded.get("source_digest") == _source_digest(
+        find_patients(source)
+    )
 
 
-def convert_openkbp(source: str | Path, destination: str | Path, case_ids: list[str] | None = None,
-                    progress: bool = True) -> Path:
+def convert_openkbp(
+    source: str | Path, destination: str | Path, case_ids: list[str] | None = None, progress: bool = True
+) -> Path:
     """Write ``imagesTr/``, ``labelsTr/``, ``dataset.json`` and a stamp under ``destination``.
 
     Everything is written to a temporary folder beside ``destination`` and renamed into place
@@ -248,10 +262,13 @@ def convert_openkbp(source: str | Path, destination: str | Path, case_ids: list[
         return destination
     if destination.exists() and any(destination.iterdir()):
         if not (destination / CONVERSION_FILE).exists():
-            raise ConversionError(f"{destination}: exists and is not a fewsam conversion; choose another folder or remove it")
+            raise ConversionError(
+                f"{destination}: exists and is not a fewsam conversion; choose another folder or remove it"
+            )
         if case_ids is not None:
-            raise ConversionError(f"{destination}: holds a conversion already; write a partial one (--patients) "
-                                  f"to another folder")
+            raise ConversionError(
+                f"{destination}: holds a conversion already; write a partial one (--patients) to another folder"
+            )
     destination.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
     try:
@@ -261,10 +278,13 @@ def convert_openkbp(source: str | Path, destination: str | Path, case_ids: list[
         for patient in tqdm(patients, desc="convert OpenKBP", unit="patient", disable=not progress):
             converted = read_patient(patient)
             problems += orientation_problems(patient, converted)
-            nib.save(nib.Nifti1Image(converted.hu, converted.affine),
-                     str(scratch / "imagesTr" / f"{patient.case_id}.nii.gz"))
-            nib.save(nib.Nifti1Image(converted.label, converted.affine),
-                     str(scratch / "labelsTr" / f"{patient.case_id}.nii.gz"))
+            nib.save(
+                nib.Nifti1Image(converted.hu, converted.affine), str(scratch / "imagesTr" / f"{patient.case_id}.nii.gz")
+            )
+            nib.save(
+                nib.Nifti1Image(converted.label, converted.affine),
+                str(scratch / "labelsTr" / f"{patient.case_id}.nii.gz"),
+            )
         if problems:
             raise ConversionError("the converted data fails its anatomical checks:\n" + "\n".join(problems))
         dataset = {
@@ -273,15 +293,23 @@ def convert_openkbp(source: str | Path, destination: str | Path, case_ids: list[
             "licence": "MIT (github.com/ababier/open-kbp)",
             "modality": {"0": "CT"},
             "labels": {"0": "background", **{str(k): v for k, v in OPENKBP_LABELS.items()}},
-            "training": [{"image": f"./imagesTr/{p.case_id}.nii.gz", "label": f"./labelsTr/{p.case_id}.nii.gz"}
-                         for p in patients],
+            "training": [
+                {"image": f"./imagesTr/{p.case_id}.nii.gz", "label": f"./labelsTr/{p.case_id}.nii.gz"} for p in patients
+            ],
         }
         (scratch / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-        (scratch / CONVERSION_FILE).write_text(json.dumps({
-            "converter_version": CONVERTER_VERSION, "source": str(source),
-            "source_digest": _source_digest(patients) if case_ids is None else None,
-            "patients": [p.case_id for p in patients],
-        }, indent=2) + "\n")
+        (scratch / CONVERSION_FILE).write_text(
+            json.dumps(
+                {
+                    "converter_version": CONVERTER_VERSION,
+                    "source": str(source),
+                    "source_digest": _source_digest(patients) if case_ids is None else None,
+                    "patients": [p.case_id for p in patients],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(scratch, destination)

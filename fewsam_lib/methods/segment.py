@@ -7,17 +7,18 @@ label at all are ignored. The trained decoder can be saved and reused with ``--m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .cache import EmbeddingCache
-from .errors import FewsamError
-from .fewshot import FewShotModel, TrainingSettings, fit_fewshot, get_design
-from .manifest import SLICE_AXES, parse_axis, parse_intensity, parse_labels
-from .volumes import image_grey_slices, load_volume, take_slice
+from .. import paths
+from ..data.manifest import NIFTI_SUFFIXES, SLICE_AXES, parse_axis, parse_intensity, parse_labels
+from ..data.volumes import image_grey_slices, load_volume, take_slice
+from ..encoders.cache import EmbeddingCache
+from ..errors import FewsamError
+from ..methods.fewshot import FewShotModel, TrainingSettings, fit_fewshot, get_fewshot_variant
 
 DEFAULT_INTENSITY = {"mode": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -50,16 +51,25 @@ def annotated_slices(label: np.ndarray, axis: int) -> list[int]:
 
 
 def fit_on_partial_labels(
-    support: Path, support_labels: Path, cache: EmbeddingCache, tasks_text: str | None, slice_axis: str,
-    intensity: dict[str, Any], variant: str, settings: TrainingSettings, seed: int, progress: bool,
+    support: Path,
+    support_labels: Path,
+    cache: EmbeddingCache,
+    tasks_text: str | None,
+    slice_axis: str,
+    intensity: dict[str, Any],
+    variant: str,
+    settings: TrainingSettings,
+    seed: int,
+    progress: bool,
 ) -> tuple[FewShotModel, list[int]]:
     """Train a few-shot decoder on the annotated slices of one support volume."""
     axis = parse_axis(slice_axis, "--slice-axis")
     volume = load_volume(support, support_labels, "support")  # mismatched grids fail here, naming both files
     indices = annotated_slices(volume.label, axis)
     if not indices:
-        raise FewsamError(f"{support_labels}: no labelled slice (every voxel is 0); label at least one slice of "
-                          f"each structure")
+        raise FewsamError(
+            f"{support_labels}: no labelled slice (every voxel is 0); label at least one slice of each structure"
+        )
     present = sorted(int(v) for v in np.unique(volume.label) if v > 0)
     tasks = parse_label_names(tasks_text, present)
     foreign = sorted(set(present) - set(tasks))
@@ -71,8 +81,18 @@ def fit_on_partial_labels(
     grey = image_grey_slices(volume.image, parse_intensity(intensity, str(support)), axis)
     embeddings = list(cache.get_many([grey[i] for i in indices], progress=progress, desc="encode support"))
     labels = [take_slice(volume.label, axis, i) for i in indices]
-    model, _ = fit_fewshot(cache.backbone.model, cache.spec.name, embeddings, labels, tasks, get_design(variant),
-                           settings, seed, {"slice_axis": axis, "intensity": intensity}, progress)
+    chosen = get_fewshot_variant(variant).with_schedule(**asdict(settings))
+    model, _ = fit_fewshot(
+        cache.backbone.model,
+        cache.spec.name,
+        embeddings,
+        labels,
+        tasks,
+        chosen,
+        seed,
+        {"slice_axis": axis, "intensity": intensity},
+        progress,
+    )
     return model, indices
 
 
@@ -101,6 +121,9 @@ def segment_query(
         raise FewsamError("give --support and --support-labels (to train), or --model (a saved few-shot model)")
     if model_file is not None and (support is not None or support_labels is not None):
         raise FewsamError("--model and --support/--support-labels exclude each other: load, or train")
+    paths.check_writable_file(out, "--out", suffixes=NIFTI_SUFFIXES)
+    if save_model is not None:
+        paths.check_writable_file(save_model, "--save-model")
     cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device)  # unknown backbone fails here
     query_volume = load_volume(query, None, "query")
     support_indices: list[int] = []
@@ -108,17 +131,29 @@ def segment_query(
         model = FewShotModel.load(model_file, cache.backbone.model, backbone)
     else:
         model, support_indices = fit_on_partial_labels(
-            Path(support), Path(support_labels), cache, labels, slice_axis, intensity or DEFAULT_INTENSITY, variant,
-            settings or TrainingSettings(), seed, progress)
+            Path(support),
+            Path(support_labels),
+            cache,
+            labels,
+            slice_axis,
+            intensity or DEFAULT_INTENSITY,
+            variant,
+            settings or TrainingSettings(),
+            seed,
+            progress,
+        )
         if save_model is not None:
             model.save(save_model)
     axis = model.preprocessing["slice_axis"]
-    grey = image_grey_slices(query_volume.image, parse_intensity(model.preprocessing["intensity"], str(query)),
-                             axis)
+    grey = image_grey_slices(query_volume.image, parse_intensity(model.preprocessing["intensity"], str(query)), axis)
     embeddings = cache.get_many(grey, progress=progress, desc="encode query")
     prediction = model.segment_volume(cache.backbone.model, embeddings, query_volume.shape, axis)
     out = Path(out)
     query_volume.save_on_original_grid(prediction, out)
-    return SegmentResult(out, model.tasks, support_indices,
-                         {name: int((prediction == value).sum()) for value, name in model.tasks.items()},
-                         Path(save_model) if save_model else (Path(model_file) if model_file else None))
+    return SegmentResult(
+        out,
+        model.tasks,
+        support_indices,
+        {name: int((prediction == value).sum()) for value, name in model.tasks.items()},
+        Path(save_model) if save_model else (Path(model_file) if model_file else None),
+    )

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import paths
-from .errors import FewsamError
+from .. import paths
+from ..errors import FewsamError
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ def _data_root(root: str | Path | None) -> Path:
         return Path(root)
     found = paths.data_root()
     if found is None:
-        raise FewsamError("FEWSAM_DATA is not set: export FEWSAM_DATA=/path/to/data (the Makefile defaults to ../shared/data)")
+        raise FewsamError(
+            "FEWSAM_DATA is not set: export FEWSAM_DATA=/path/to/data (the Makefile defaults to ../shared/data)"
+        )
     return found
 
 

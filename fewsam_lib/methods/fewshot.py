@@ -1,0 +1,567 @@
+"""The few-shot method: pooled support embeddings as prompt tokens for SAM's mask decoder.
+
+A few labelled 2D slices (the collection) give, per task, the image embedding averaged inside the
+task's mask. Those few-shot tokens replace point/box tokens as ``sparse_prompt_embeddings``; the
+dense prompt is SAM's no-mask embedding. Only the mask decoder is trained, on cached embeddings
+of the collection; the image encoder never runs during training.
+
+Token designs (variants, see :data:`TOKEN_DESIGNS`):
+
+- ``raw``: the masked average of the support embeddings, as is. Measured on hippocampus: norm
+  ~1.3 against ~11.6 for SAM's own prompt tokens, and the two tasks' tokens nearly identical
+  (cosine 0.98); a decoder trained on them learns one mask for every prompt.
+- ``centred`` (default): the task's pooled embedding minus the mean embedding of all support
+  slices (inside the image, not the padding), rescaled to the norm of SAM's embedding of one
+  positive point, plus SAM's learned positive-point type embedding.
+- ``centred_bg``: ``centred`` plus a background token (pooled outside every task's mask, built the
+  same way with SAM's negative-point type embedding), as a negative click would be.
+
+No positional encoding is added: a token describes what the anatomy looks like, not where it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, Sam
+from tqdm import tqdm
+
+from ..data.collection import Collection, draw_collection
+from ..data.manifest import Manifest
+from ..data.volumes import Volume, grey_slices, load_case, take_slice
+from ..encoders.backbones import resized_shape
+from ..encoders.cache import EmbeddingCache
+from ..errors import FewsamError, lookup
+from ..sections import parse_section
+from .base import CasePrediction, Method, MethodRun, RunContext, register_method, settings_hash
+from .sam_decoding import EMBEDDING_GRID, decode_masks, no_mask_prompt, resolve_overlaps
+
+MODEL_FORMAT = "fewsam-fewshot-decoder-v2"
+# v1 files (before variants were records) stored only the token design; they load with the
+# registered variant of that name and its default schedule.
+READABLE_FORMATS = ("fewsam-fewshot-decoder-v1", MODEL_FORMAT)
+MODEL_FILE = "fewshot_model.pt"  # git-ignored (~16 MB of decoder weights); the run regenerates it
+CURVE_FILE = "training_curve.csv"
+
+
+@dataclass(frozen=True)
+class TokenDesign:
+    name: str
+    centred: bool
+    background_token: bool
+    description: str
+
+
+TOKEN_DESIGNS = {
+    design.name: design
+    for design in (
+        TokenDesign("raw", False, False, "masked average of support embeddings, unscaled"),
+        TokenDesign(
+            "centred", True, False, "pooled minus support mean, SAM point-token norm, + positive type embedding"
+        ),
+        TokenDesign(
+            "centred_bg", True, True, "centred task token + centred background token (negative type embedding)"
+        ),
+    )
+}
+
+
+def get_design(name: str) -> TokenDesign:
+    return lookup(TOKEN_DESIGNS, name, "few-shot variant")
+
+
+def embedding_grid_weights(mask: np.ndarray, input_size: int) -> torch.Tensor:
+    """Fraction of each 64x64 embedding cell that ``mask`` covers, through SAM's resize and padding."""
+    height, width = mask.shape
+    target = resized_shape(height, width, input_size)
+    resized = F.interpolate(
+        torch.as_tensor(mask, dtype=torch.float32)[None, None], target, mode="bilinear", align_corners=False
+    )
+    padded = F.pad(resized, (0, input_size - target[1], 0, input_size - target[0]))
+    return F.adaptive_avg_pool2d(padded, EMBEDDING_GRID)[0, 0]
+
+
+def pooled_embedding(embeddings: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """Weighted mean of (256, 64, 64) embeddings over cells, pooled over slices; None if all weights are 0."""
+    total = sum(float(w.sum()) for w in weights)
+    if total <= 0:
+        return None
+    summed = sum((e * w).sum(dim=(1, 2)) for e, w in zip(embeddings, weights))
+    return summed / total
+
+
+def point_token_norm(model: Sam) -> float:
+    """Norm of SAM's own token for one positive click at the image centre (the scale of a prompt)."""
+    size = model.prompt_encoder.input_image_size
+    with torch.no_grad():
+        centre = torch.tensor([[[size[1] / 2, size[0] / 2]]], dtype=torch.float32, device=model.device)
+        sparse, _ = model.prompt_encoder(points=(centre, torch.ones(1, 1, device=model.device)), boxes=None, masks=None)
+    return float(sparse[0, 0].norm())
+
+
+def few_shot_tokens(
+    model: Sam,
+    embeddings: list[torch.Tensor],
+    label_slices: list[np.ndarray],
+    tasks: dict[int, str],
+    design: TokenDesign,
+) -> dict[str, torch.Tensor]:
+    """Prompt tokens (k, 256) per task from the support embeddings and their label slices."""
+    input_size = model.image_encoder.img_size
+    image_weights = [embedding_grid_weights(np.ones(label.shape, bool), input_size) for label in label_slices]
+    mean_embedding = pooled_embedding(embeddings, image_weights)
+    scale = point_token_norm(model)
+    type_embeddings = model.prompt_encoder.point_embeddings
+
+    def token(weights: list[torch.Tensor], name: str, type_index: int) -> torch.Tensor:
+        pooled = pooled_embedding(embeddings, weights)
+        if pooled is None:
+            raise FewsamError(f"task '{name}' has no labelled pixel in the few-shot collection")
+        if not design.centred:
+            return pooled
+        direction = pooled - mean_embedding
+        return direction / direction.norm().clamp_min(1e-8) * scale + type_embeddings[type_index].weight[0].detach()
+
+    tokens = {}
+    for value, name in tasks.items():
+        task_token = token([embedding_grid_weights(label == value, input_size) for label in label_slices], name, 1)
+        tokens[name] = task_token[None]
+    if design.background_token:
+        background = token([embedding_grid_weights(label == 0, input_size) for label in label_slices], "background", 0)
+        tokens = {name: torch.cat([t, background[None]]) for name, t in tokens.items()}
+    return tokens
+
+
+def decode(
+    decoder: MaskDecoder, model: Sam, embedding: torch.Tensor, token_batch: torch.Tensor, slice_shape: tuple[int, int]
+) -> torch.Tensor:
+    """Logits (T, H, W) at slice size for T token sets (T, k, 256) on one image embedding."""
+    logits, _ = decode_masks(
+        decoder, model, embedding, token_batch, no_mask_prompt(model, len(token_batch)), slice_shape
+    )
+    return logits[:, 0]
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice per mask (smoothing 1, so an empty target asks for an empty mask)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probability = torch.sigmoid(logits).flatten(1)
+    flat = target.flatten(1)
+    dice = (2 * (probability * flat).sum(1) + 1) / (probability.sum(1) + flat.sum(1) + 1)
+    return bce + (1 - dice).mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"bce_dice": segmentation_loss}
+# What the encoder sees of a slice; a crop around the anatomy would be a view with its inverse.
+VIEWS = {"full_slice": "the whole slice, resized and padded by SAM's own preprocessing"}
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """One fixed schedule for every task and dataset (no early stopping); profiles may shorten it."""
+
+    steps: int = 200
+    slices_per_step: int = 2
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.slices_per_step < 1:
+            raise FewsamError(
+                f"a few-shot schedule needs at least 1 step of at least 1 slice, got steps={self.steps}, "
+                f"slices_per_step={self.slices_per_step}"
+            )
+        if self.learning_rate <= 0:
+            raise FewsamError(f"the learning rate must be positive, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class FewShotVariant:
+    """A few-shot variant: named components. ``base`` is the registered name; :attr:`name` adds a
+    hash of the settings when they differ from the registered ones (a profile's shorter schedule),
+    so two runs that differ in any setting never share a run folder."""
+
+    base: str
+    tokens: TokenDesign
+    loss: str = "bce_dice"
+    schedule: TrainingSettings = field(default_factory=TrainingSettings)
+    view: str = "full_slice"
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        registered = FEWSHOT_VARIANTS.get(self.base)
+        if registered is not None and self.definition() == registered.definition():
+            return self.base
+        return f"{self.base}-{settings_hash(self.definition())}"
+
+    def definition(self) -> dict[str, Any]:
+        """Every setting that changes a prediction (the description does not)."""
+        tokens = {key: value for key, value in asdict(self.tokens).items() if key != "description"}
+        return {
+            "base": self.base,
+            "tokens": tokens,
+            "loss": self.loss,
+            "schedule": asdict(self.schedule),
+            "view": self.view,
+        }
+
+    def with_schedule(self, **overrides: Any) -> FewShotVariant:
+        try:
+            schedule = dataclasses.replace(self.schedule, **overrides)
+        except TypeError as error:
+            known = ", ".join(f.name for f in dataclasses.fields(TrainingSettings))
+            raise FewsamError(f"few-shot training: {error} (known settings: {known})") from None
+        return dataclasses.replace(self, schedule=schedule)
+
+
+FEWSHOT_VARIANTS: dict[str, FewShotVariant] = {}
+
+
+def register_fewshot_variant(variant: FewShotVariant) -> FewShotVariant:
+    if variant.loss not in LOSSES or variant.view not in VIEWS:
+        raise ValueError(f"few-shot variant {variant.base}: unknown loss '{variant.loss}' or view '{variant.view}'")
+    FEWSHOT_VARIANTS[variant.base] = variant
+    return variant
+
+
+for _design in TOKEN_DESIGNS.values():
+    register_fewshot_variant(FewShotVariant(_design.name, _design, description=_design.description))
+
+
+def get_fewshot_variant(name: str) -> FewShotVariant:
+    """A registered variant by name; ``centred-1a2b3c4d`` (a run's full name) gives its base ``centred``."""
+    return lookup(FEWSHOT_VARIANTS, name.split("-", 1)[0], "few-shot variant")
+
+
+def variant_from_definition(definition: dict[str, Any], where: str) -> FewShotVariant:
+    """A saved variant: the registered one of its base name with the saved settings that still exist
+    (a component added since keeps its registered value)."""
+    try:
+        registered = get_fewshot_variant(definition["base"])
+    except (KeyError, TypeError):
+        raise FewsamError(f"{where}: no few-shot variant recorded (expected format '{MODEL_FORMAT}')") from None
+
+    def known(record: Any, saved: dict[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(record)}
+        return dataclasses.replace(record, **{k: v for k, v in (saved or {}).items() if k in names})
+
+    return dataclasses.replace(
+        registered,
+        tokens=known(registered.tokens, definition.get("tokens")),
+        schedule=known(registered.schedule, definition.get("schedule")),
+        loss=definition.get("loss", registered.loss),
+        view=definition.get("view", registered.view),
+    )
+
+
+@dataclass
+class FewShotModel:
+    """A trained few-shot decoder with its tokens: segments new images without the collection."""
+
+    backbone: str
+    variant: FewShotVariant
+    tasks: dict[int, str]
+    tokens: dict[str, torch.Tensor]
+    decoder: MaskDecoder
+    # How grey slices were made from the volumes ({"slice_axis": int, "intensity": {...}}): a
+    # query must be cut and normalised the same way.
+    preprocessing: dict[str, Any]
+
+    def token_batch(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(T, k, 256): one token set per task, in label order."""
+        return torch.stack([self.tokens[name] for name in self.tasks.values()]).to(device)
+
+    def segment(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        """Label slices (N, H, W) for N embeddings: per pixel the task with the highest positive logit."""
+        tokens = self.token_batch(model.device)
+        values = list(self.tasks)
+        with torch.inference_mode():
+            return np.stack(
+                [
+                    resolve_overlaps(
+                        decode(self.decoder, model, embedding.to(model.device), tokens, slice_shape).cpu().numpy(),
+                        values,
+                    )
+                    for embedding in embeddings
+                ]
+            )
+
+    def segment_volume(
+        self,
+        model: Sam,
+        embeddings: torch.Tensor,
+        volume_shape: tuple[int, int, int],
+        axis: int,
+        extent: range | None = None,
+    ) -> np.ndarray:
+        """A label volume from the embeddings of its slices ``extent`` (default: all); other slices background."""
+        extent = range(volume_shape[axis]) if extent is None else extent
+        slice_shape = tuple(size for i, size in enumerate(volume_shape) if i != axis)
+        labels = np.zeros(volume_shape, dtype=np.uint8)
+        np.moveaxis(labels, axis, 0)[extent.start : extent.stop] = self.segment(model, embeddings, slice_shape)
+        return labels
+
+    def save(self, path: str | Path) -> Path:
+        """Decoder weights and tokens in one small file (atomic write)."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "format": MODEL_FORMAT,
+                "backbone": self.backbone,
+                "variant": self.variant.name,
+                "variant_definition": self.variant.definition(),
+                "tasks": self.tasks,
+                "preprocessing": self.preprocessing,
+                "tokens": {name: t.cpu() for name, t in self.tokens.items()},
+                "decoder": {k: v.cpu() for k, v in self.decoder.state_dict().items()},
+            },
+            partial,
+        )
+        partial.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Sam, backbone: str) -> FewShotModel:
+        """A saved model, checked against the backbone whose embeddings it will decode."""
+        path = Path(path)
+        if not path.exists():
+            raise FewsamError(f"{path}: no such few-shot model file")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a truncated or foreign file
+            raise FewsamError(f"{path}: not a readable few-shot model ({type(error).__name__}: {error})") from None
+        if not isinstance(saved, dict) or saved.get("format") not in READABLE_FORMATS:
+            raise FewsamError(f"{path}: not a fewsam few-shot model (expected format '{MODEL_FORMAT}')")
+        if saved["backbone"] != backbone:
+            raise FewsamError(f"{path}: trained on {saved['backbone']} embeddings, cannot decode {backbone} ones")
+        decoder = copy.deepcopy(model.mask_decoder)
+        decoder.load_state_dict(saved["decoder"])
+        if saved["format"] == MODEL_FORMAT:
+            variant = variant_from_definition(saved.get("variant_definition"), str(path))
+        else:
+            variant = variant_from_definition({"base": (saved.get("design") or {}).get("name")}, str(path))
+        return cls(
+            backbone,
+            variant,
+            {int(k): v for k, v in saved["tasks"].items()},
+            saved["tokens"],
+            decoder.eval().requires_grad_(False),
+            saved["preprocessing"],
+        )
+
+
+def train_decoder(
+    model: Sam,
+    tokens: dict[str, torch.Tensor],
+    embeddings: list[torch.Tensor],
+    label_slices: list[np.ndarray],
+    tasks: dict[int, str],
+    settings: TrainingSettings,
+    seed: int,
+    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = segmentation_loss,
+    progress: bool = True,
+) -> tuple[MaskDecoder, list[float]]:
+    """Fine-tune a copy of SAM's mask decoder on the collection; returns it and the loss per step.
+
+    Every support slice trains every task: a task missing from a slice is a negative example.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    decoder = copy.deepcopy(model.mask_decoder).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    token_batch = torch.stack([tokens[name] for name in tasks.values()]).to(model.device)
+    targets = [
+        torch.as_tensor(np.stack([label == value for value in tasks]), dtype=torch.float32) for label in label_slices
+    ]
+    history = []
+    per_step = min(settings.slices_per_step, len(embeddings))
+    for _ in tqdm(range(settings.steps), desc="train decoder", unit="step", disable=not progress):
+        picks = rng.choice(len(embeddings), size=per_step, replace=False)
+        loss = (
+            sum(
+                loss_function(
+                    decode(decoder, model, embeddings[i].to(model.device), token_batch, label_slices[i].shape),
+                    targets[i].to(model.device),
+                )
+                for i in picks
+            )
+            / per_step
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    return decoder.eval().requires_grad_(False), history
+
+
+def fit_fewshot(
+    model: Sam,
+    backbone: str,
+    embeddings: list[torch.Tensor],
+    label_slices: list[np.ndarray],
+    tasks: dict[int, str],
+    variant: FewShotVariant,
+    seed: int,
+    preprocessing: dict[str, Any],
+    progress: bool = True,
+) -> tuple[FewShotModel, list[float]]:
+    """Tokens from the collection, then the decoder trained with them; returns the model and loss curve."""
+    tokens = few_shot_tokens(model, embeddings, label_slices, tasks, variant.tokens)
+    decoder, history = train_decoder(
+        model, tokens, embeddings, label_slices, tasks, variant.schedule, seed, LOSSES[variant.loss], progress
+    )
+    return FewShotModel(backbone, variant, dict(tasks), tokens, decoder, preprocessing), history
+
+
+def load_support(
+    manifest: Manifest, collection: Collection, cache: EmbeddingCache, progress: bool = True
+) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Cached embeddings and label slices of the collection (one volume read per case)."""
+    by_case: dict[str, list[int]] = {}
+    for support in collection.slices:
+        by_case.setdefault(support.case_id, []).append(support.slice_index)
+    embeddings, labels = [], []
+    axis = manifest.slice_axis
+    for case_id, indices in by_case.items():
+        volume = load_case(manifest, case_id)
+        embeddings += list(
+            cache.get_many(grey_slices(manifest, volume, indices), progress=progress, desc=f"encode support {case_id}")
+        )
+        labels += [take_slice(volume.label, axis, i) for i in indices]
+    return embeddings, labels
+
+
+@dataclass(frozen=True)
+class FewShotSection:
+    """The ``fewshot`` section of a profile."""
+
+    backbones: tuple[str, ...] = ()
+    optional_backbones: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
+    shots: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    training: dict[str, Any] = field(default_factory=dict)  # overrides of TrainingSettings
+
+    def check_section(self, where: str) -> None:
+        parse_section(TrainingSettings, self.training, f"{where}: training")
+
+
+class FewShotRun(MethodRun):
+    """Draw a collection, train the decoder on it, segment every slice of the profile's test cases."""
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        run = context.run
+        if run.shots is None:
+            raise FewsamError("fewshot runs need --shots (labelled slices per task)")
+        self.variant = FEWSHOT.resolve_variant(run.variant, context.section)
+        self.backbone, self.shots = run.backbone, run.shots
+        self.cache = EmbeddingCache(self.backbone, checkpoint=context.checkpoint, device=context.device)
+        self.collection = draw_collection(context.manifest, run.shots, run.seed)
+        self.timings = {"encode": 0.0, "train": 0.0, "predict": 0.0}
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "token_design": asdict(self.variant.tokens),
+            "training": asdict(self.variant.schedule),
+            "variant_definition": self.variant.definition(),
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "backbone_checkpoint": {"name": self.cache.spec.name, "sha256": self.cache.spec.checkpoint.sha256},
+            "collection": self.collection.as_dict(),
+        }
+
+    def prepare(self, writer: Any, case_ids: list[str]) -> None:
+        manifest, progress = self.context.manifest, self.context.progress
+        embeddings, labels = load_support(manifest, self.collection, self.cache, progress)
+        started = time.perf_counter()
+        preprocessing = {"slice_axis": manifest.slice_axis, "intensity": manifest.intensity.as_dict()}
+        self.model, history = fit_fewshot(
+            self.cache.backbone.model,
+            self.backbone,
+            embeddings,
+            labels,
+            manifest.tasks,
+            self.variant,
+            self.context.run.seed,
+            preprocessing,
+            progress,
+        )
+        self.timings["train"] = time.perf_counter() - started
+        self.model.save(writer.folder / MODEL_FILE)
+        pd.DataFrame({"step": range(1, len(history) + 1), "loss": history}).to_csv(
+            writer.folder / CURVE_FILE, index=False
+        )
+        self.extra.update(final_training_loss=history[-1], support_slices=len(self.collection.slices))
+
+    def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
+        manifest = self.context.manifest
+        slices = grey_slices(manifest, volume, extent)
+        embeddings = self.cache.get_many(slices, progress=self.context.progress, desc=f"encode {volume.case_id}")
+        started = time.perf_counter()
+        prediction = self.model.segment_volume(
+            self.cache.backbone.model, embeddings, volume.shape, manifest.slice_axis, extent
+        )
+        self.timings["predict"] += time.perf_counter() - started
+        self.timings["encode"] = self.cache.stats.encode_seconds
+        self.extra["cache"] = self.cache.stats.as_dict()
+        return CasePrediction(prediction)
+
+
+class FewShot(Method):
+    name = "fewshot"
+    command = "fewshot"
+    description = "pooled support embeddings as prompt tokens; SAM's mask decoder fine-tuned on a few labelled slices"
+    section_key = "fewshot"
+    section_type = FewShotSection
+    notebook = "20_fewshot.ipynb"
+    rank = 1
+    default_variant = "centred"
+    report_role = "few_shot"
+
+    def labelled_slices(self, meta: dict[str, Any]) -> int | None:
+        return meta.get("support_slices")
+
+    def variant_names(self) -> list[str]:
+        return list(FEWSHOT_VARIANTS)
+
+    def resolve_variant(self, name: str, section: FewShotSection | None) -> FewShotVariant:
+        variant = get_fewshot_variant(name)
+        if section is not None and section.training:
+            variant = variant.with_schedule(**section.training)
+        if "-" in name and name != variant.name:
+            raise FewsamError(
+                f"few-shot variant '{name}' does not match this profile's settings, which make "
+                f"'{variant.name}'; name the registered variant '{variant.base}'"
+            )
+        return variant
+
+    def start(self, context: RunContext) -> FewShotRun:
+        return FewShotRun(context)
+
+    def label(self, variant: str, shots: int | None, budget: str | None = None) -> str:
+        design = "" if variant == self.default_variant else f" ({variant})"
+        count = int(shots) if shots is not None else 0
+        return f"few-shot {count} shot{'s' if count != 1 else ''}{design}"
+
+    def variant_order(self, variant: str) -> int:
+        names = list(FEWSHOT_VARIANTS)
+        base = variant.split("-", 1)[0]
+        return names.index(base) if base in names else len(names)
+
+
+FEWSHOT = register_method(FewShot())

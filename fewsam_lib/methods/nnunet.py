@@ -1,0 +1,489 @@
+"""The nnU-Net baseline, run by nnunetv2 itself: export a manifest's training split as an nnU-Net
+raw dataset, and match nnU-Net's label budget to the few-shot method's.
+
+nnU-Net needs whole annotated volumes, so a label budget of N labelled slices becomes the
+training volumes, taken in a seeded random order, until together they hold at least N slices that
+contain a task; both counts are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+
+from .. import paths
+from ..data.collection import draw_collection
+from ..data.manifest import Manifest
+from ..data.volumes import Volume, slice_table
+from ..errors import FewsamError
+from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method
+
+if TYPE_CHECKING:
+    from ..bench.profiles import Profile
+
+FILE_ENDING = ".nii.gz"
+# nnU-Net picks its intensity normalisation from the channel name: "CT" means its CT scheme.
+CHANNEL_NAMES = {"CT": "CT"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training volumes nnU-Net gets, and how many labelled slices they hold."""
+
+    name: str  # "full" or "slices<N>seed<S>"
+    case_ids: tuple[str, ...]
+    labelled_slices: int
+    requested_slices: int | None
+
+
+def labelled_slice_counts(manifest: Manifest, case_ids: list[str], table: pd.DataFrame | None = None) -> pd.Series:
+    """Slices that contain at least one task, per case."""
+    table = table if table is not None else slice_table(manifest, case_ids)
+    table = table[table.case_id.isin(case_ids)]
+    counts = (table[manifest.task_names] > 0).any(axis=1).groupby(table.case_id).sum()
+    return counts.reindex(case_ids, fill_value=0).astype(int)
+
+
+def full_budget(manifest: Manifest, table: pd.DataFrame | None = None) -> Budget:
+    case_ids = sorted(manifest.case_ids("train"))
+    return Budget("full", tuple(case_ids), int(labelled_slice_counts(manifest, case_ids, table).sum()), None)
+
+
+def matched_budget(manifest: Manifest, slices: int, seed: int, table: pd.DataFrame | None = None) -> Budget:
+    """Whole training volumes, in an order drawn with ``seed``, until they hold ``slices`` labelled slices."""
+    if slices < 1:
+        raise FewsamError(f"a label budget needs at least 1 labelled slice, got {slices}")
+    train = sorted(manifest.case_ids("train"))
+    counts = labelled_slice_counts(manifest, train, table)
+    chosen, total = [], 0
+    for index in np.random.default_rng(seed).permutation(len(train)):
+        if total >= slices:
+            break
+        chosen.append(train[index])
+        total += int(counts[train[index]])
+    if total < slices:
+        raise FewsamError(
+            f"{manifest.path}: the training split holds {total} labelled slices, fewer than the budget of {slices}"
+        )
+    return Budget(f"slices{slices}seed{seed}", tuple(sorted(chosen)), total, slices)
+
+
+def dataset_suffix(manifest: Manifest, budget: Budget) -> str:
+    """``msd_hippocampus`` + budget ``slices38seed0`` -> ``MsdHippocampusSlices38seed0``."""
+    return "".join(part.capitalize() for part in manifest.dataset.split("_")) + budget.name.capitalize()
+
+
+def dataset_folder_name(dataset_id: int, manifest: Manifest, budget: Budget) -> str:
+    if not 1 <= dataset_id <= 999:
+        raise FewsamError(f"nnU-Net dataset ids run from 1 to 999, got {dataset_id}")
+    return f"Dataset{dataset_id:03d}_{dataset_suffix(manifest, budget)}"
+
+
+def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_root: Path | None = None) -> Path:
+    """``Dataset<id>_<Name>/imagesTr, labelsTr, dataset.json`` in nnU-Net v2's raw format.
+
+    Only the budget's training volumes are written; the test split never enters. The folder is
+    built beside its final name and renamed at the end, so a failed export leaves nothing behind.
+    """
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    leaked = sorted(set(budget.case_ids) - set(manifest.case_ids("train")))
+    if leaked:
+        raise FewsamError(
+            f"{manifest.path}: cases {leaked} are not in the training split; nnU-Net trains on training cases only"
+        )
+    values = sorted(manifest.tasks)
+    if values != list(range(1, len(values) + 1)):
+        raise FewsamError(
+            f"{manifest.path}: nnU-Net needs consecutive label values 1..{len(values)}, the manifest has {values}"
+        )
+    raw_root = Path(raw_root) if raw_root else paths.nnunet_roots()["raw"]
+    target = raw_root / dataset_folder_name(dataset_id, manifest, budget)
+    others = [p for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p != target] if raw_root.exists() else []
+    if others:
+        raise FewsamError(f"nnU-Net dataset id {dataset_id} is taken by {others[0]}; choose another id")
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "imagesTr").mkdir(parents=True)
+    (partial / "labelsTr").mkdir()
+    for case_id in budget.case_ids:
+        case = manifest.case(case_id)
+        shutil.copyfile(case.image, partial / "imagesTr" / f"{case_id}_0000{FILE_ENDING}")
+        shutil.copyfile(case.label, partial / "labelsTr" / f"{case_id}{FILE_ENDING}")
+    generate_dataset_json(
+        str(partial),
+        channel_names={0: CHANNEL_NAMES.get(manifest.modality, manifest.modality)},
+        labels={"background": 0, **{name: value for value, name in manifest.tasks.items()}},
+        num_training_cases=len(budget.case_ids),
+        file_ending=FILE_ENDING,
+        dataset_name=target.name,
+        description=f"fewsam export of {paths.display(manifest.path)} (sha256 {manifest.sha256[:12]}), "
+        f"budget {budget.name}: {len(budget.case_ids)} volumes, {budget.labelled_slices} labelled slices",
+        license="see the source dataset",
+        converted_by="fewsam",
+        fewsam_case_ids=list(budget.case_ids),
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+# --- plan, train, predict with nnunetv2's console scripts -----------------------------------------
+
+TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
+FIRST_DATASET_ID = 500  # nnU-Net's own examples use low ids; stay clear of a user's datasets
+PLANS = "nnUNetPlans"
+
+
+def nnunet_environment(roots: dict[str, Path]) -> dict[str, str]:
+    """The environment nnunetv2's scripts read their folders (and our trainers) from."""
+    env = dict(os.environ)
+    env.update({paths.NNUNET_VARIABLES[role]: str(folder) for role, folder in roots.items()})
+    env["nnUNet_extTrainer"] = str(TRAINER_DIR)
+    return env
+
+
+def check_trainer(trainer: str, env: dict[str, str]) -> None:
+    """Fail before any export or planning when nnunetv2 cannot find ``trainer`` (its own trainers,
+    then the project's under ``nnUNet_extTrainer``), as ``nnUNetv2_train`` would much later."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with (
+        mock.patch.dict(os.environ, {"nnUNet_extTrainer": env["nnUNet_extTrainer"]}),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        try:
+            recursive_find_trainer_class_by_name(trainer)
+        except RuntimeError:
+            raise FewsamError(f"unknown nnU-Net trainer '{trainer}': not in nnunetv2 nor in {TRAINER_DIR}") from None
+
+
+def run_nnunet_command(arguments: list[str], log: Path, env: dict[str, str]) -> float:
+    """Run one nnunetv2 console script, its output appended to ``log``; returns its wall time."""
+    executable = Path(sys.executable).with_name(arguments[0])
+    command = [str(executable) if executable.exists() else arguments[0], *arguments[1:]]
+    started = time.perf_counter()
+    with log.open("a") as stream:
+        stream.write(f"$ {' '.join(command)}\n")
+        stream.flush()
+        try:
+            result = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
+        except OSError as error:
+            raise FewsamError(f"cannot run {arguments[0]}: {error} (is nnunetv2 installed?)") from None
+    if result.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        killed = " (killed: out of memory?)" if result.returncode in (-9, 137) else ""
+        raise FewsamError(f"{arguments[0]} failed with exit code {result.returncode}{killed}; end of {log}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def dataset_id_for(folder_suffix: str, raw_root: Path) -> int:
+    """The id of an exported dataset with this name, or the first free id from FIRST_DATASET_ID."""
+    taken = {}
+    for folder in raw_root.glob("Dataset[0-9][0-9][0-9]_*") if raw_root.exists() else []:
+        taken[int(folder.name[7:10])] = folder.name[11:]
+    for dataset_id, suffix in taken.items():
+        if suffix == folder_suffix:
+            return dataset_id
+    return next(i for i in range(FIRST_DATASET_ID, 1000) if i not in taken)
+
+
+def budget_for(manifest: Manifest, budget: str, seed: int, profile: Profile) -> Budget:
+    """``full`` (every training volume) or ``matched`` (the profile's largest few-shot collection)."""
+    if budget == "full":
+        return full_budget(manifest)
+    if budget == "matched":
+        shots = max(profile.section("fewshot").shots or [0])
+        if not shots:
+            raise FewsamError(f"profile {profile.name} has no few-shot runs to match a label budget to")
+        table = slice_table(manifest, manifest.case_ids("train"))  # read the label files once for both
+        return matched_budget(manifest, len(draw_collection(manifest, shots, seed, table).slices), seed, table)
+    raise FewsamError(f"unknown nnU-Net label budget '{budget}' (full or matched)")
+
+
+def trained_model_folder(roots: dict[str, Path], dataset: str, configuration: str, trainer: str) -> Path:
+    return roots["results"] / dataset / f"{trainer}__{PLANS}__{configuration}"
+
+
+@dataclass(frozen=True)
+class NnUNetVariant:
+    """nnU-Net's configuration and trainer class; named ``<configuration>-<trainer>`` in run folders."""
+
+    configuration: str
+    trainer: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.configuration}-{self.trainer}"
+
+    @classmethod
+    def from_name(cls, name: str) -> NnUNetVariant:
+        configuration, separator, trainer = name.partition("-")
+        if not separator or not trainer:
+            raise FewsamError(f"nnU-Net variant '{name}' is not <configuration>-<trainer>, e.g. 2d-nnUNetTrainer")
+        if configuration not in CONFIGURATIONS:
+            raise FewsamError(f"nnU-Net configuration '{configuration}' is not one of {', '.join(CONFIGURATIONS)}")
+        return cls(configuration, trainer)
+
+    def definition(self) -> dict[str, str]:
+        return {"configuration": self.configuration, "trainer": self.trainer}
+
+
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+BUDGETS = ("full", "matched")
+
+
+@dataclass(frozen=True)
+class NnUNetSection:
+    """The ``nnunet`` section of a profile. ``trainers``: one list for every budget, or a list per
+    budget (``{full: [...], matched: [...]}``)."""
+
+    configurations: tuple[str, ...] = ()
+    trainers: tuple[str, ...] | dict[str, list[str]] = ()
+    budgets: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    disable_tta: bool = False  # predict without nnU-Net's mirroring (4x faster in 2d)
+
+    def trainers_for(self, budget: str) -> list[str]:
+        if isinstance(self.trainers, dict):
+            return list(self.trainers.get(budget, []))
+        return list(self.trainers)
+
+
+class NnUNetRun(MethodRun):
+    """Export, plan and preprocess, train and predict with nnunetv2; the loop scores like every other method.
+
+    Reruns reuse what nnU-Net already finished (a preprocessed dataset, a final checkpoint) and
+    continue an interrupted training from nnU-Net's latest checkpoint.
+    """
+
+    fold = "all"
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        run, manifest = context.run, context.manifest
+        self.variant = NNUNET.resolve_variant(run.variant, context.section)
+        self.budget = budget_for(manifest, run.budget or "full", run.seed, context.profile)
+        self.shots = self.budget.labelled_slices
+        self.roots = paths.nnunet_roots()
+        self.env = nnunet_environment(self.roots)
+        check_trainer(self.variant.trainer, self.env)
+        dataset_id = dataset_id_for(dataset_suffix(manifest, self.budget), self.roots["raw"])
+        self.dataset_id, self.dataset = dataset_id, dataset_folder_name(dataset_id, manifest, self.budget)
+        self.disable_tta = context.section.disable_tta
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "configuration": self.variant.configuration,
+            "trainer": self.variant.trainer,
+            "budget": self.context.run.budget or "full",
+            "fold": self.fold,
+            "test_time_mirroring": not self.disable_tta,
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        budget = self.budget
+        return {
+            "label_budget": {
+                "name": budget.name,
+                "volumes": len(budget.case_ids),
+                "labelled_slices": budget.labelled_slices,
+                "requested_slices": budget.requested_slices,
+                "case_ids": list(budget.case_ids),
+            },
+            "nnunet_dataset": self.dataset,
+        }
+
+    def prepare(self, writer: Any, case_ids: list[str]) -> None:
+        manifest, roots, env, dataset = self.context.manifest, self.roots, self.env, self.dataset
+        configuration, trainer = self.variant.configuration, self.variant.trainer
+        dataset_id = str(self.dataset_id)
+        plans = roots["preprocessed"] / dataset / f"{PLANS}.json"
+        exported = roots["raw"] / dataset / "dataset.json"
+        if plans.exists() and (
+            not exported.exists()
+            or json.loads(exported.read_text()).get("fewsam_case_ids") != list(self.budget.case_ids)
+        ):
+            raise FewsamError(
+                f"{roots['raw'] / dataset} was preprocessed from other volumes than budget "
+                f"{self.budget.name} selects now (was the split changed?); remove it and its "
+                f"nnUNet_preprocessed and nnUNet_results folders"
+            )
+        self.log = log = writer.folder / "nnunet_commands.log"
+        log.write_text("")
+        timings = self.timings
+        preprocessed_marker = roots["preprocessed"] / dataset / f".fewsam_preprocessed_{configuration}"
+        if not preprocessed_marker.exists():
+            # nnU-Net writes its preprocessed cases one by one: a folder left by an interrupted call
+            # holds some of them, so only the marker written after success counts as done.
+            shutil.rmtree(roots["preprocessed"] / dataset / f"{PLANS}_{configuration}", ignore_errors=True)
+            if not plans.exists():
+                export_raw_dataset(manifest, self.budget, self.dataset_id, roots["raw"])
+            timings["plan_and_preprocess"] = run_nnunet_command(
+                [
+                    "nnUNetv2_plan_and_preprocess",
+                    "-d",
+                    dataset_id,
+                    "-c",
+                    configuration,
+                    "--verify_dataset_integrity",
+                    "-np",
+                    "2",
+                ],
+                log,
+                env,
+            )
+            preprocessed_marker.write_text(f"nnUNetv2_plan_and_preprocess -c {configuration} finished\n")
+        self.fold_folder = trained_model_folder(roots, dataset, configuration, trainer) / f"fold_{self.fold}"
+        self.trained_from_scratch = False
+        device = self.context.device
+        if not (self.fold_folder / "checkpoint_final.pth").exists():
+            resume = ["--c"] if (self.fold_folder / "checkpoint_latest.pth").exists() else []
+            self.trained_from_scratch = not resume
+            timings["train"] = run_nnunet_command(
+                ["nnUNetv2_train", dataset_id, configuration, self.fold, "-tr", trainer, "-device", device, *resume],
+                log,
+                env,
+            )
+        self.inputs = inputs = roots["raw"].parent / "inference" / writer.spec.run_id
+        shutil.rmtree(inputs, ignore_errors=True)
+        (inputs / "imagesTs").mkdir(parents=True)
+        for case_id in case_ids:
+            shutil.copyfile(manifest.case(case_id).image, inputs / "imagesTs" / f"{case_id}_0000{FILE_ENDING}")
+        timings["predict"] = run_nnunet_command(
+            [
+                "nnUNetv2_predict",
+                "-i",
+                str(inputs / "imagesTs"),
+                "-o",
+                str(inputs / "predicted"),
+                "-d",
+                dataset_id,
+                "-c",
+                configuration,
+                "-tr",
+                trainer,
+                "-f",
+                self.fold,
+                "-device",
+                device,
+                "-npp",
+                "1",
+                "-nps",
+                "1",
+                *(["--disable_tta"] if self.disable_tta else []),
+            ],
+            log,
+            env,
+        )
+        training = copy_training_record(self.fold_folder, writer.folder)
+        if not self.trained_from_scratch:  # finished or begun by an earlier call: its time is in nnU-Net's logs
+            timings["train"] = sum(training["epoch_seconds"])
+        self.extra["nnunet_training"] = training
+
+    def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
+        output = self.inputs / "predicted" / f"{volume.case_id}{FILE_ENDING}"
+        if not output.exists():
+            raise FewsamError(f"nnU-Net wrote no prediction for {volume.case_id} ({output}); see {self.log}")
+        return CasePrediction(volume.read_on_canonical_grid(output))  # nnU-Net's own 2d plane, whole volume
+
+
+class NnUNet(Method):
+    name = "nnunet"
+    command = "nnunet"
+    description = "fully supervised nnU-Net v2 (nnunetv2's own planning, training and prediction)"
+    section_key = "nnunet"
+    section_type = NnUNetSection
+    notebook = "30_nnunet.ipynb"
+    rank = 2
+    uses_backbone = False
+    default_variant = "2d-nnUNetTrainer_fewsam5epochsBatch32"
+    report_role = "supervised"
+
+    def labelled_slices(self, meta: dict[str, Any]) -> int | None:
+        return meta.get("shots")
+
+    def variant_names(self) -> list[str]:
+        return [f"{configuration}-<trainer>" for configuration in CONFIGURATIONS]
+
+    def resolve_variant(self, name: str, section: NnUNetSection | None) -> NnUNetVariant:
+        return NnUNetVariant.from_name(name)
+
+    def check_request(self, run: PlannedRun) -> None:
+        if run.shots is not None:
+            raise FewsamError("--shots is for fewshot runs (nnunet: --budget full or matched)")
+        if run.budget not in BUDGETS:
+            raise FewsamError(f"unknown nnU-Net label budget '{run.budget}' ({' or '.join(BUDGETS)})")
+        NnUNetVariant.from_name(run.variant)
+
+    def plan(self, manifest: str, section: NnUNetSection, backbones: list[str], profile: str) -> list[PlannedRun]:
+        return [
+            PlannedRun(
+                self.name, manifest, "none", NnUNetVariant(configuration, trainer).name, seed, profile, budget=budget
+            )
+            for configuration in section.configurations
+            for budget in section.budgets
+            for trainer in section.trainers_for(budget)
+            for seed in section.seeds
+        ]
+
+    def shots_of(self, run: PlannedRun, manifest: Manifest, profile: Profile) -> int | None:
+        return budget_for(manifest, run.budget or "full", run.seed, profile).labelled_slices
+
+    def start(self, context: RunContext) -> NnUNetRun:
+        return NnUNetRun(context)
+
+    def label(self, variant: str, shots: int | None, budget: str | None = None) -> str:
+        kind = "full" if budget == "full" else "matched budget"
+        slices = f"{int(shots)} slices, " if shots is not None else ""
+        return f"nnU-Net {kind} ({slices}{NnUNetVariant.from_name(variant).configuration})"
+
+    def command_options(self, run: PlannedRun) -> list[str]:
+        variant = NnUNetVariant.from_name(run.variant)
+        return ["--configuration", variant.configuration, "--trainer", variant.trainer, "--budget", run.budget]
+
+    def notebook_parameters(self, run: PlannedRun) -> dict[str, Any]:
+        variant = NnUNetVariant.from_name(run.variant)
+        return {"configuration": variant.configuration, "trainer": variant.trainer, "budget": run.budget}
+
+
+NNUNET = register_method(NnUNet())
+
+
+def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
+    """nnU-Net's training log and curve into the run folder; the schedule it actually ran and the
+    wall time of each finished epoch."""
+    logs = sorted(fold_folder.glob("training_log_*.txt"))
+    if logs:
+        shutil.copyfile(logs[-1], run_folder / "nnunet_training_log.txt")
+    if (fold_folder / "progress.png").exists():
+        shutil.copyfile(fold_folder / "progress.png", run_folder / "nnunet_progress.png")
+    debug = fold_folder / "debug.json"
+    settings = json.loads(debug.read_text()) if debug.exists() else {}
+    record = {
+        key: settings.get(key)
+        for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "batch_size")
+    }
+    # Every epoch nnU-Net finished, over all its logs (an interrupted training continues in a new one).
+    record["epoch_seconds"] = [
+        float(seconds) for log in logs for seconds in re.findall(r"Epoch time: ([0-9.]+) s", log.read_text())
+    ]
+    plans = fold_folder.parent / "plans.json"  # the trained configuration's patch is not in debug.json
+    configuration = settings.get("configuration_name")
+    if plans.exists() and configuration:
+        record["patch_size"] = json.loads(plans.read_text())["configurations"].get(configuration, {}).get("patch_size")
+    return record

@@ -1,0 +1,561 @@
+"""The benchmark report (``notebooks/90_report.ipynb``): tables and figures from ``results/runs`` only.
+
+Everything here is recomputed from the run folders (``run.json``, ``metrics.csv``, predictions);
+an incomplete run folder is an error that names it, never silently left out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .. import paths
+from ..bench.runs import IncompleteRun, collect_metrics, run_folders, summarize
+from ..data.manifest import load_manifest
+from ..data.volumes import grey_slices, load_case, take_slice
+from ..errors import FewsamError
+from ..methods.base import get_method
+from .drawing import draw_labels, show_slice
+from .figures import prompting_figure
+
+REPORT_TABLES = (
+    "main_table.csv",
+    "main_table.md",
+    "headline.md",
+    "headline_table.md",
+    "cost_table.csv",
+    "cost_table.md",
+)
+LEVEL_TITLES = {"slice": "per slice (slices that contain the task)", "volume": "per volume (whole 3D label map)"}
+
+
+def run_index(results_dir: str | Path, profile: str | None = None) -> pd.DataFrame:
+    """One row per run folder: what it is, its label budget and its costs (from ``run.json``)."""
+    rows, incomplete = [], []
+    for folder in run_folders(results_dir):
+        meta = json.loads((folder / "run.json").read_text())
+        if profile is not None and meta.get("profile") != profile:
+            continue
+        if meta.get("status") != "complete":
+            incomplete.append(str(folder))
+            continue
+        timings, cache = meta.get("timings_s", {}), meta.get("cache", {})
+        budget = meta.get("label_budget", {}).get("name")
+        method = get_method(meta["method"])
+        rows.append(
+            {
+                "folder": str(folder),
+                "dataset": meta["dataset"],
+                "method": meta["method"],
+                "role": method.report_role,
+                "variant": meta["variant"],
+                "backbone": meta["backbone"],
+                "shots": meta.get("shots"),
+                "seed": meta["seed"],
+                "profile": meta["profile"],
+                "budget": budget,
+                "labelled_slices": method.labelled_slices(meta),
+                "cache_hits": cache.get("hits"),
+                "cache_misses": cache.get("misses"),
+                "encode_s": cache.get("encode_seconds"),
+                **{f"{k}_s": v for k, v in timings.items()},
+            }
+        )
+    if incomplete:
+        raise IncompleteRun(
+            "the report needs complete runs; incomplete run folder(s): "
+            + "; ".join(incomplete)
+            + " (finish them with `make reproduce` or remove them)"
+        )
+    if not rows:
+        raise FewsamError(f"{results_dir}: no complete runs" + (f" of profile {profile}" if profile else ""))
+    return pd.DataFrame(rows)
+
+
+def method_label(method: str, variant: str, shots, budget: str | None = None) -> str:
+    """The report's name for a row: the registered method's label."""
+    shots = None if shots is None or str(shots) in ("", "nan", "None", "<NA>") else int(float(shots))
+    return get_method(method).label(variant, shots, budget)
+
+
+def _method_order(row: pd.Series) -> tuple:
+    method = get_method(row["method"])
+    shots = float(row["shots"]) if str(row["shots"]) not in ("", "nan", "None", "<NA>") else 0.0
+    return (method.rank, method.variant_order(row["variant"]), shots, row["variant"])
+
+
+def with_roles(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each row's ``role`` (see :attr:`Method.report_role`)."""
+    return frame.assign(role=[get_method(name).report_role for name in frame.method])
+
+
+def _references(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of prompted methods with one of the method's reference variants (SAM one point, box)."""
+    prompted = frame[frame.role == "prompted"]
+    keep = [
+        variant in get_method(method).reference_variants for method, variant in zip(prompted.method, prompted.variant)
+    ]
+    return prompted[keep]
+
+
+def _budgets(index: pd.DataFrame) -> dict[tuple, str]:
+    supervised = index[index.role == "supervised"]
+    return {(r.dataset, r.method, r.variant, int(r.shots)): r.budget for r in supervised.itertuples()}
+
+
+def labelled_summary(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """The summary's rows with a readable method label and their sort order."""
+    budgets = _budgets(index)
+    frame = with_roles(summary)
+    frame["shots"] = frame["shots"].map(lambda v: "" if pd.isna(v) or v == "" else str(int(float(v))))
+    frame["budget"] = [
+        budgets.get((r.dataset, r.method, r.variant, int(r.shots))) if r.role == "supervised" else None
+        for r in frame.itertuples()
+    ]
+    frame["label"] = [method_label(r.method, r.variant, r.shots or None, r.budget) for r in frame.itertuples()]
+    frame["order"] = frame.apply(_method_order, axis=1)
+    return frame.sort_values(["dataset", "level", "task", "order", "backbone"]).reset_index(drop=True)
+
+
+def main_table(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """IoU and Dice per dataset, level, task and method (one row per cell of the paper-like table)."""
+    frame = labelled_summary(summary[summary.metric.isin(["iou", "dice"])], index)
+    table = frame.pivot_table(
+        index=["dataset", "level", "task", "order", "label", "backbone"],
+        columns="metric",
+        values=["mean", "std", "ci95_low", "ci95_high", "n", "seeds"],
+        aggfunc="first",
+    )
+    table.columns = [f"{metric}_{stat}" for stat, metric in table.columns]
+    return table.reset_index().drop(columns="order")
+
+
+def main_table_markdown(table: pd.DataFrame) -> str:
+    lines = ["<!-- generated by fewsam_lib.report from results/runs; do not edit -->", ""]
+    for (dataset, level), part in table.groupby(["dataset", "level"], sort=True):
+        shown = pd.DataFrame({"task": part.task, "method": part.label, "backbone": part.backbone})
+        for metric in ("iou", "dice"):
+            shown[metric.replace("iou", "IoU").replace("dice", "Dice")] = [
+                f"{m:.3f} ± {s:.3f} [{lo:.3f}, {hi:.3f}]"
+                for m, s, lo, hi in zip(
+                    part[f"{metric}_mean"],
+                    part[f"{metric}_std"].fillna(0),
+                    part[f"{metric}_ci95_low"],
+                    part[f"{metric}_ci95_high"],
+                )
+            ]
+        shown["n (seeds)"] = [f"{int(n)} ({int(k)})" for n, k in zip(part.iou_n, part.iou_seeds)]
+        lines += [f"### {dataset} — {LEVEL_TITLES.get(level, level)}", "", shown.to_markdown(index=False), ""]
+    lines.append("IoU and Dice: mean ± std [95% bootstrap CI of the mean] over slices (or volumes) and seeds.")
+    return "\n".join(lines) + "\n"
+
+
+def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | None = None) -> str:
+    """The README's compact table: per dataset and task, slice IoU / volume Dice of each prompted
+    method's reference variants, few-shot with the most shots (default variant) and each supervised
+    label budget, on ``backbone`` (default: the one most few-shot runs used)."""
+    frame = labelled_summary(summary[summary.metric.isin(["iou", "dice"])], index)
+    fewshot = frame[frame.role == "few_shot"]
+    if fewshot.empty:
+        return "No few-shot run yet.\n"
+    if backbone not in set(fewshot.backbone):
+        backbone = fewshot.backbone.value_counts().sort_index().idxmax()
+    frame = frame[(frame.backbone == backbone) | (frame.backbone == "none")]
+    picked = []
+    for (_dataset, _task), part in frame.groupby(["dataset", "task"], sort=True):
+        picked.append(_references(part))
+        learnt = part[
+            (part.role == "few_shot") & (part.variant == part.method.map(lambda name: get_method(name).default_variant))
+        ]
+        if len(learnt):
+            picked.append(learnt[learnt.shots.astype(int) == learnt.shots.astype(int).max()])
+        picked.append(part[part.role == "supervised"])
+    chosen = pd.concat(picked)
+    cells = chosen.assign(
+        value=[f"{m:.2f}" for m in chosen["mean"]],
+        column=chosen.label.str.replace(r" \(\d+ slices, ", " (", regex=True),
+    )
+    iou = cells[(cells.metric == "iou") & (cells.level == "slice")]
+    dice = cells[(cells.metric == "dice") & (cells.level == "volume")].set_index(["dataset", "task", "column"]).value
+    order = list(dict.fromkeys(iou.sort_values("order").column))
+    rows = []
+    for (dataset, task), part in iou.groupby(["dataset", "task"], sort=True):
+        values = dict(zip(part.column, part.value))
+        rows.append(
+            {
+                "dataset": dataset,
+                "task": task,
+                **{
+                    column: f"{values[column]} / {dice.get((dataset, task, column), '–')}" if column in values else "–"
+                    for column in order
+                },
+            }
+        )
+    return (
+        f"Slice IoU / volume Dice, profile means; SAM-based rows with `{backbone}`; few-shot at its largest shot "
+        "count, nnU-Net per label budget. Every row with CIs: [results/tables/main_table.md]"
+        "(results/tables/main_table.md).\n\n" + pd.DataFrame(rows).to_markdown(index=False) + "\n"
+    )
+
+
+def first_backbone(profile: str | None) -> str | None:
+    """The first backbone a profile lists for its few-shot method (the README table's)."""
+    if profile is None:
+        return None
+    from ..bench.profiles import load_profile
+    from ..methods.base import registered_methods
+
+    chosen = load_profile(profile)
+    for method in registered_methods():
+        if method.report_role == "few_shot" and chosen.backbones(method.name):
+            return chosen.backbones(method.name)[0]
+    return None
+
+
+def readable_log_ticks(ticks: set[int], min_ratio: float = 1.2) -> list[int]:
+    """Ticks for a log axis, dropping any within ``min_ratio`` of the previous one (40 and 42
+    would print on top of each other)."""
+    shown: list[int] = []
+    for tick in sorted(ticks):
+        if not shown or tick >= shown[-1] * min_ratio:
+            shown.append(tick)
+    return shown
+
+
+def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.Figure:
+    """Slice-level IoU against labelled training slices, one panel per dataset and task.
+
+    Few-shot: one curve per backbone at the mean number of distinct labelled slices of its
+    collections; nnU-Net: points at the labelled slices of their budgets; SAM one point and box:
+    horizontal references (they need a prompt on every test slice instead of training labels).
+    """
+    iou = labelled_summary(summary[(summary.metric == "iou") & (summary.level == "slice")], index)
+    panels = iou[["dataset", "task"]].drop_duplicates().values.tolist()
+    columns = min(len(panels), 3)
+    figure, axes = plt.subplots(
+        -(-len(panels) // columns),
+        columns,
+        figsize=(4.6 * columns, 3.6 * -(-len(panels) // columns)),
+        squeeze=False,
+        sharey=True,
+    )
+    colours = dict(zip(sorted(iou.backbone.unique()), sns.color_palette("deep")))
+    slices_of = (
+        index[index.role == "few_shot"].groupby(["dataset", "backbone", "variant", "shots"]).labelled_slices.mean()
+    )
+    for ax, (dataset, task) in zip(axes.ravel(), panels):
+        part = iou[(iou.dataset == dataset) & (iou.task == task)]
+        ticks: set[int] = set()
+        for (backbone, variant), line in part[part.role == "few_shot"].groupby(["backbone", "variant"]):
+            line = line.assign(x=[slices_of.get((dataset, backbone, variant, int(s)), np.nan) for s in line.shots])
+            line = line.sort_values("x")
+            ticks |= {round(x) for x in line.x if np.isfinite(x)}
+            ax.errorbar(
+                line.x,
+                line["mean"],
+                yerr=[line["mean"] - line.ci95_low, line.ci95_high - line["mean"]],
+                marker="o",
+                color=colours[backbone],
+                capsize=2,
+                label=f"few-shot · {backbone}",
+            )
+        for row in part[part.role == "supervised"].itertuples():
+            ticks.add(int(row.shots))
+            ax.errorbar(
+                [int(row.shots)],
+                [row.mean],
+                yerr=[[row.mean - row.ci95_low], [row.ci95_high - row.mean]],
+                marker="s",
+                color="black",
+                capsize=2,
+                linestyle="none",
+                # the slice count is the point's x tick; one legend entry serves every dataset
+                label=method_label(row.method, row.variant, None, row.budget),
+                markerfacecolor="black" if row.budget == "full" else "white",
+            )
+        for row in _references(part).itertuples():
+            first = row.variant == get_method(row.method).reference_variants[0]
+            ax.axhline(
+                row.mean,
+                color=colours[row.backbone],
+                linestyle=":" if first else "--",
+                linewidth=1,
+                label=f"{row.label} · {row.backbone}",
+            )
+        ax.set_xscale("log")
+        shown = readable_log_ticks(ticks)
+        ax.set_xticks(shown, [str(t) for t in shown], fontsize=7)
+        ax.minorticks_off()
+        ax.set(
+            title=f"{dataset} · {task}",
+            xlabel="labelled training slices",
+            ylabel="IoU (slices with the task)",
+            ylim=(0, 1),
+        )
+    for ax in axes.ravel()[len(panels) :]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.ravel():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
+    rows = -(-len(panels) // columns)
+    figure.tight_layout(rect=(0, 0.06 + 0.1 / rows, 1, 1))
+    return figure
+
+
+def _cell(summary: pd.DataFrame, **keys) -> pd.Series | None:
+    rows = summary
+    for key, value in keys.items():
+        rows = rows[rows[key] == value]
+    return rows.iloc[0] if len(rows) else None
+
+
+def headline_sentences(summary: pd.DataFrame, index: pd.DataFrame) -> list[str]:
+    """Per dataset, task and backbone: few-shot (most shots) against one point, and against nnU-Net."""
+    iou = labelled_summary(summary[summary.metric == "iou"], index)
+    sentences = []
+    for (dataset, task), part in iou.groupby(["dataset", "task"], sort=True):
+        slices = part[part.level == "slice"]
+        fewshot = slices[slices.role == "few_shot"]
+        if fewshot.empty:
+            sentences.append(f"{dataset} · {task}: no few-shot run yet.")
+            continue
+        nnunet = slices[slices.role == "supervised"]
+        for backbone, runs in fewshot.groupby("backbone"):
+            best_shots = max(int(s) for s in runs.shots)
+            few = runs[runs.shots == str(best_shots)].iloc[0]
+            text = (
+                f"{dataset} · {task} · {backbone}: few-shot with {best_shots} labelled slices per task reaches "
+                f"IoU {few['mean']:.3f} on the slices that contain the task (seeds: {few.seeds})"
+            )
+            references = _references(slices)
+            references = references[
+                references.variant == references.method.map(lambda name: get_method(name).reference_variants[0])
+            ]
+            point = _cell(references, backbone=backbone)
+            if point is not None:
+                relative = (few["mean"] / point["mean"] - 1) * 100 if point["mean"] > 0 else np.inf
+                text += (
+                    f", against {point['mean']:.3f} with one point prompt on the same slices: "
+                    f"{relative:+.0f}% relative ({few['mean'] - point['mean']:+.3f} absolute; the paper reports "
+                    f"about +50%)"
+                )
+            else:
+                text += " (no one-point baseline for this backbone)"
+            for row in nnunet.itertuples():
+                text += (
+                    f"; nnU-Net trained on {row.shots} labelled slices ({row.label.split(' (')[0]}) reaches "
+                    f"{row.mean:.3f}, {_compared(row.mean, few['mean'])} few-shot"
+                )
+            if nnunet.empty:
+                text += "; no nnU-Net run yet"
+            sentences.append(text + ".")
+    return sentences
+
+
+def _compared(value: float, reference: float) -> str:
+    """``value`` beside ``reference`` as the sentences print them (three decimals)."""
+    gap = round(value, 3) - round(reference, 3)
+    if abs(gap) < 5e-4:
+        return "level with"
+    return f"{abs(gap):.3f} IoU {'above' if gap > 0 else 'below'}"
+
+
+def cost_table(index: pd.DataFrame) -> pd.DataFrame:
+    """Measured costs per method and backbone (means over runs; seconds unless named otherwise)."""
+    frame = index.copy()
+    frame["label"] = [method_label(r.method, r.variant, r.shots, r.budget) for r in frame.itertuples()]
+    frame["encoder_s_per_slice"] = frame.encode_s / frame.cache_misses.where(frame.cache_misses > 0)
+    columns = {
+        "encoder_s_per_slice": "encoder s/slice (misses)",
+        "cache_hits": "cache hits",
+        "cache_misses": "cache misses",
+        "train_s": "decoder / nnU-Net training",
+        "decode_s": "prompted decoding",
+        "predict_s": "prediction",
+        "plan_and_preprocess_s": "nnU-Net plan + preprocess",
+        "total_s": "run total",
+    }
+    present = [c for c in columns if c in frame]
+    frame["order"] = frame.apply(_method_order, axis=1)
+    frame = frame.sort_values(["dataset", "order", "backbone"])
+    groups = frame.groupby(["dataset", "label", "backbone"], sort=False)
+    table = groups[present].mean().reset_index()
+    table.insert(3, "runs", groups.size().to_numpy())
+    return table.rename(columns=columns)
+
+
+def cost_table_markdown(costs: pd.DataFrame) -> str:
+    shown = costs.astype(object).where(costs.notna(), None)  # tabulate prints None as its missingval
+    return (
+        shown.to_markdown(index=False, floatfmt=".2f", missingval="—") + "\n\n"
+        "Seconds, means over runs. —: the run had no such step, or did it in an earlier call (a warm cache "
+        "encodes nothing; an nnU-Net run that resumed after planning). Run total: the wall time of the call "
+        "that completed the run; nnU-Net training that began in an earlier call is the sum of its epochs' "
+        "times, counted in the training column only.\n"
+    )
+
+
+def qualitative_grid(
+    results_dir: str | Path, index: pd.DataFrame, metrics: pd.DataFrame, dataset: str, picks: int = 3
+) -> plt.Figure:
+    """The same slices for every method: the worst, median and best slice by IoU averaged over the
+    tasks and the runs shown (few-shot with most shots, seed 0, first backbone; SAM with one point and
+    with a box on that backbone; nnU-Net), with each run's prediction."""
+    runs = index[index.dataset == dataset]
+    fewshot = runs[runs.role == "few_shot"].sort_values(["shots", "backbone", "seed"], ascending=[False, True, True])
+    reference = fewshot.iloc[0] if len(fewshot) else runs.iloc[0]
+    shown = [reference]
+    others = runs[runs.folder != reference.folder]
+    for candidates in (_references(others[others.backbone == reference.backbone]), others[others.role == "supervised"]):
+        shown += [row for _, row in candidates.sort_values(["method", "variant", "shots"]).iterrows()]
+    slice_rows = metrics[(metrics.dataset == dataset) & (metrics.level == "slice")]
+    chosen = representative_slices(pd.concat([_rows_of_run(slice_rows, run) for run in shown]), picks)
+    manifest = load_manifest(
+        paths.REPO_ROOT / json.loads(Path(reference.folder, "run.json").read_text())["parameters"]["manifest"]
+    )
+    figure, axes = plt.subplots(
+        len(chosen), 2 + len(shown), figsize=(2.3 * (2 + len(shown)), 2.5 * len(chosen)), squeeze=False
+    )
+    for row_axes, (_, pick) in zip(axes, chosen.iterrows()):
+        volume = load_case(manifest, pick.case_id)
+        index_ = int(pick.slice_index)
+        truth = take_slice(volume.label, manifest.slice_axis, index_)
+        grey = grey_slices(manifest, volume, [index_])[0]
+        predictions = [
+            take_slice(
+                volume.read_on_canonical_grid(Path(run.folder) / "predictions" / f"{pick.case_id}.nii.gz"),
+                manifest.slice_axis,
+                index_,
+            )
+            for run in shown
+        ]
+        crop = zoom_window(grey, [truth, *predictions])
+        show_slice(row_axes[0], grey[crop], f"{pick.case_id} slice {index_}")
+        show_slice(row_axes[1], grey[crop], "ground truth")
+        draw_labels(row_axes[1], truth[crop].T, manifest.tasks)
+        for ax, run, predicted in zip(row_axes[2:], shown, predictions):
+            label = method_label(run.method, run.variant, run.shots, run.budget)
+            show_slice(ax, grey[crop], f"{label}\n{run.backbone}" if run.backbone != "none" else label)
+            draw_labels(ax, predicted[crop].T, manifest.tasks)
+    figure.suptitle(
+        f"{dataset}: worst, median and best slice by IoU averaged over the runs shown; every column is one run",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    return figure
+
+
+def representative_slices(slice_rows: pd.DataFrame, picks: int = 3) -> pd.DataFrame:
+    """``picks`` slices spread from worst to best by mean IoU of the rows given (ties: by case, slice).
+
+    Averaged over several runs, so that one run that is wrong everywhere (every slice tied at 0)
+    does not make the choice arbitrary.
+    """
+    per_slice = slice_rows.groupby(["case_id", "slice_index"]).iou.mean().reset_index()
+    per_slice = per_slice.sort_values(["iou", "case_id", "slice_index"]).reset_index(drop=True)
+    return per_slice.iloc[np.unique(np.linspace(0, len(per_slice) - 1, picks).round().astype(int))]
+
+
+def _rows_of_run(rows: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
+    shots = pd.to_numeric(rows.shots).fillna(-1)
+    return rows[
+        (rows.method == run.method)
+        & (rows.variant == run.variant)
+        & (rows.backbone == run.backbone)
+        & (rows.seed == run.seed)
+        & (shots == (-1 if pd.isna(run.shots) else run.shots))
+    ]
+
+
+def zoom_window(
+    grey: np.ndarray, label_slices: list[np.ndarray], min_side: int = 48, margin: int = 4
+) -> tuple[slice, slice]:
+    """A window around every label drawn (truth and predictions), at least ``min_side`` pixels a
+    side, cut to the body where that leaves ``min_side``: CT organs cover a few pixels of a mostly
+    empty 128x128 slice, and some OpenKBP slices hold a few dozen pixels of CT around a contour."""
+    body = grey > 0
+    labelled = np.any([label > 0 for label in label_slices], axis=0)
+    rows, columns = np.nonzero(labelled if labelled.any() else body)
+    if not len(rows):
+        return slice(None), slice(None)
+    body_rows, body_columns = np.nonzero(body | labelled)
+
+    def span(low: int, high: int, size: int, body_low: int, body_high: int) -> slice:
+        width = min(max(high - low + 1 + 2 * margin, min_side), size)
+        start = min(max((low + high + 1 - width) // 2, 0), size - width)
+        in_body = slice(max(start, body_low), min(start + width, body_high + 1))
+        return in_body if in_body.stop - in_body.start >= min(min_side, size) else slice(start, start + width)
+
+    return (
+        span(rows.min(), rows.max(), grey.shape[0], body_rows.min(), body_rows.max()),
+        span(columns.min(), columns.max(), grey.shape[1], body_columns.min(), body_columns.max()),
+    )
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    """Replace what lies between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``."""
+    pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise FewsamError(f"no <!-- report:{name} --> ... <!-- /report:{name} --> block to fill")
+    return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def write_report(
+    results_dir: str | Path | None = None, profile: str | None = "cpu", readme: str | Path | None = None
+) -> dict[str, Path]:
+    """Every table and figure of the report under ``results/tables`` and ``results/figures``.
+
+    ``readme``: also refresh the README's generated results blocks.
+    """
+    results_dir = Path(results_dir or paths.REPO_ROOT / "results")
+    index = run_index(results_dir, profile)
+    summary = summarize(results_dir, strict=True)
+    if profile is not None:
+        summary = summary[summary.profile == profile]
+    metrics = collect_metrics(results_dir, strict=True)
+    tables, figures = results_dir / "tables", results_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    table = main_table(summary, index)
+    table.to_csv(tables / "main_table.csv", index=False, float_format="%.4f")
+    (tables / "main_table.md").write_text(main_table_markdown(table))
+    headline = "\n".join(f"- {sentence}" for sentence in headline_sentences(summary, index)) + "\n"
+    (tables / "headline.md").write_text(headline)
+    compact = headline_table(summary, index, first_backbone(profile))
+    (tables / "headline_table.md").write_text(compact)
+    costs = cost_table(index)
+    costs.to_csv(tables / "cost_table.csv", index=False, float_format="%.3f")
+    (tables / "cost_table.md").write_text(cost_table_markdown(costs))
+    written.update({name: tables / name for name in REPORT_TABLES})
+
+    figure = prompting_figure(with_roles(summary))
+    if figure is not None:
+        figure.savefig(figures / "prompting_iou.png", dpi=130)
+        plt.close(figure)
+        written["prompting_iou.png"] = figures / "prompting_iou.png"
+    figure = label_efficiency_figure(summary, index)
+    figure.savefig(figures / "label_efficiency.png", dpi=120)
+    plt.close(figure)
+    written["label_efficiency.png"] = figures / "label_efficiency.png"
+    for dataset in sorted(index.dataset.unique()):
+        figure = qualitative_grid(results_dir, index, metrics, dataset)
+        name = f"qualitative_{dataset}.png"
+        figure.savefig(figures / name, dpi=100)
+        plt.close(figure)
+        written[name] = figures / name
+
+    if readme is not None:
+        readme = Path(readme)
+        text = replace_block(readme.read_text(), "headline_table", compact)
+        text = replace_block(text, "headline", headline)
+        readme.write_text(text)
+    return written

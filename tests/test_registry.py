@@ -1,0 +1,224 @@
+"""The method registry and the one loop: a method registered here runs end to end without any other
+module naming it; run folders say every setting; typed profiles refuse unknown keys."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import HIPPOCAMPUS_MANIFEST, REPO
+
+from fewsam_lib.bench.evaluate import evaluate, planned_folder, run_spec
+from fewsam_lib.bench.profiles import PROFILE_DIR, load_profile
+from fewsam_lib.bench.reproduce import run_command
+from fewsam_lib.bench.runs import load_run, summarize
+from fewsam_lib.cli import build_parser, main
+from fewsam_lib.errors import FewsamError
+from fewsam_lib.methods.base import (
+    CasePrediction,
+    Method,
+    MethodRun,
+    PlannedRun,
+    get_method,
+    register_method,
+    unregister_method,
+)
+from fewsam_lib.methods.fewshot import FewShotModel, get_fewshot_variant
+from fewsam_lib.report.benchmark import main_table, method_label, run_index
+
+
+@dataclass(frozen=True)
+class EmptySection:
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class EmptyVariant:
+    name: str = "nothing"
+
+
+class EmptyRun(MethodRun):
+    def __init__(self, context):
+        super().__init__(context)
+        self.variant = EmptyVariant(context.run.variant)
+
+    def predict_case(self, volume, extent):
+        return CasePrediction(np.zeros(volume.shape, dtype=np.uint8))
+
+
+class EmptyMask(Method):
+    name = "empty_mask"
+    command = "empty"
+    description = "predicts the empty mask everywhere (a test method)"
+    section_key = "empty"
+    section_type = EmptySection
+    rank = 9
+    uses_backbone = False
+    default_variant = "nothing"
+
+    def resolve_variant(self, name, section):
+        return EmptyVariant(name)
+
+    def start(self, context):
+        return EmptyRun(context)
+
+    def label(self, variant, shots, budget=None):
+        return "empty mask"
+
+
+@pytest.fixture
+def empty_method():
+    method = register_method(EmptyMask())
+    yield method
+    unregister_method(method.name)
+
+
+def profile_file(folder: Path, **sections) -> str:
+    """A one-dataset profile (hippocampus, 1 test case, a 4-slice slab) with the given sections."""
+    raw = {
+        "name": "tiny",
+        "description": "a test profile",
+        "test_cases": 1,
+        "test_slices": 4,
+        "datasets": ["data_manifests/msd_hippocampus.yaml"],
+        **sections,
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_a_method_registered_in_a_test_runs_end_to_end(empty_method, tmp_path, capsys):
+    profile = profile_file(tmp_path, empty={"seeds": [0]})
+    assert "empty" in build_parser()._subparsers._group_actions[0].choices["run"].format_usage()
+    (planned,) = load_profile(profile).runs()
+    assert planned == PlannedRun("empty_mask", "data_manifests/msd_hippocampus.yaml", "none", "nothing", 0, profile)
+    assert run_command(planned, tmp_path)[:3] == ["fewsam", "run", "empty"]
+    results = tmp_path / "results"
+    assert (
+        main(
+            [
+                "run",
+                "empty",
+                str(HIPPOCAMPUS_MANIFEST),
+                "--profile",
+                profile,
+                "--no-notebook",
+                "--quiet",
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
+    folder = planned_folder(planned, results)
+    assert folder == results / "runs" / "msd_hippocampus" / "empty_mask" / "none_nothing_seed0_tiny"
+    meta, metrics = load_run(folder)
+    assert meta["method"] == "empty_mask" and len(list((folder / "predictions").glob("*.nii.gz"))) == 1
+    assert set(metrics.level) == {"slice", "volume"} and (metrics.pred_voxels == 0).all()
+    summary = summarize(results)
+    assert set(summary.method) == {"empty_mask"}
+    assert method_label("empty_mask", "nothing", None) == "empty mask"
+    assert set(main_table(summary, run_index(results)).label) == {"empty mask"}
+
+
+def test_runs_that_differ_only_in_training_steps_never_share_a_folder(tmp_path):
+    specs = []
+    for steps in (10, 20):
+        (tmp_path / str(steps)).mkdir()
+        profile = profile_file(tmp_path / str(steps), fewshot={"training": {"steps": steps}})
+        specs.append(run_spec(PlannedRun("fewshot", str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "centred", 0, profile, 5)))
+    assert specs[0].variant != specs[1].variant and specs[0].run_id != specs[1].run_id
+    assert all(spec.variant.startswith("centred-") for spec in specs)
+    # The registered schedule keeps the plain name: the committed cpu runs keep their folders.
+    cpu_fewshot = next(run for run in load_profile("cpu").runs() if run.method == "fewshot")
+    assert run_spec(cpu_fewshot).variant == "centred"
+    smoke = get_fewshot_variant("centred").with_schedule(steps=60)
+    assert smoke.name != "centred" and smoke.name == get_fewshot_variant("centred").with_schedule(steps=60).name
+
+
+def test_a_saved_model_of_the_previous_format_still_loads(mobile_sam, tmp_path):
+    decoder = mobile_sam.model.mask_decoder
+    old = {
+        "format": "fewsam-fewshot-decoder-v1",
+        "backbone": "mobile_sam",
+        "design": {"name": "centred", "centred": True, "background_token": False, "description": "..."},
+        "tasks": {1: "anterior"},
+        "preprocessing": {"slice_axis": 2, "intensity": {"mode": "none"}},
+        "tokens": {"anterior": torch.zeros(1, 256)},
+        "decoder": decoder.state_dict(),
+    }
+    torch.save(old, tmp_path / "old.pt")
+    model = FewShotModel.load(tmp_path / "old.pt", mobile_sam.model, "mobile_sam")
+    assert model.variant == get_fewshot_variant("centred")
+    again = FewShotModel.load(model.save(tmp_path / "sub" / "new.pt"), mobile_sam.model, "mobile_sam")
+    assert again.variant == model.variant
+    torch.save({**old, "format": "fewsam-fewshot-decoder-v9"}, tmp_path / "future.pt")
+    with pytest.raises(FewsamError, match=r"future\.pt: not a fewsam few-shot model \(expected format"):
+        FewShotModel.load(tmp_path / "future.pt", mobile_sam.model, "mobile_sam")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw: raw["fewshot"].update(step=3), "fewshot: unknown key 'step'"),
+        (lambda raw: raw["fewshot"]["training"].update(stpes=3), "unknown key 'stpes'"),
+        (lambda raw: raw.update(test_case=2), "unknown key 'test_case'"),
+        (lambda raw: raw["prompting"].update(seeds="0"), "prompting: 'seeds' must be"),
+        (lambda raw: raw["nnunet"].update(disable_tta="yes"), "nnunet: 'disable_tta' must be bool"),
+        (lambda raw: raw.update(test_slices=1.5), "'test_slices' must be int"),
+        (lambda raw: raw["overrides"]["openkbp_hn_ct"]["fewshot"].update(shot=[1]), "overrides: openkbp_hn_ct"),
+    ],
+)
+def test_a_profile_with_an_unknown_key_or_a_wrong_type_fails_at_load_naming_file_and_key(tmp_path, change, message):
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    change(raw)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(FewsamError, match=message) as error:
+        load_profile(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_a_misspelt_profile_fails_before_a_run_folder_exists(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert (
+        main(
+            [
+                "run",
+                "prompting",
+                str(HIPPOCAMPUS_MANIFEST),
+                "--backbone",
+                "mobile_sam",
+                "--profile",
+                "smok",
+                "--results",
+                str(results),
+            ]
+        )
+        == 2
+    )
+    assert "unknown profile 'smok'" in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_run_json_of_a_new_run_holds_no_absolute_path(empty_method, tmp_path):
+    run = PlannedRun(
+        "empty_mask", "data_manifests/msd_hippocampus.yaml", "none", "nothing", 0, profile_file(tmp_path, empty={})
+    )
+    folder = evaluate(run, results_dir=tmp_path / "results", progress=False)
+    text = (folder / "run.json").read_text()
+    for absolute in {str(REPO), str(Path(json.loads(text)["data"]["root"]).anchor + "work"), "/tmp/"}:
+        assert absolute not in text
+    assert json.loads(text)["data"]["root"] == "${FEWSAM_DATA}/Task04_Hippocampus"
+
+
+def test_every_shipped_method_is_registered_with_its_notebook():
+    for name in ("sam_prompting", "fewshot", "nnunet"):
+        method = get_method(name)
+        assert (REPO / "notebooks" / method.notebook).exists() and get_method(method.command) is method

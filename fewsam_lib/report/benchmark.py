@@ -198,9 +198,11 @@ def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | N
             }
         )
     return (
-        f"Slice IoU / volume Dice, profile means; SAM-based rows with `{backbone}`; few-shot at its largest shot "
-        "count, nnU-Net per label budget. Every row with CIs: [results/tables/main_table.md]"
-        "(results/tables/main_table.md).\n\n" + pd.DataFrame(rows).to_markdown(index=False) + "\n"
+        f"Slice IoU / volume Dice, profile means; SAM-based rows with `{backbone}`; few-shot at its largest\n"
+        "shot count, nnU-Net per label budget. Every row with its 95% CI:\n"
+        "[results/tables/main_table.md](results/tables/main_table.md).\n\n"
+        + pd.DataFrame(rows).to_markdown(index=False)
+        + "\n"
     )
 
 

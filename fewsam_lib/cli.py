@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import FewsamError
+from .sections import positive_int
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -22,6 +24,8 @@ def _validate(args: argparse.Namespace) -> int:
     report = validate(args.manifest, progress=not args.quiet)
     for problem in report.problems:
         print(f"PROBLEM {problem}")
+    for warning in report.warnings:
+        print(f"WARNING {warning}")
     if report.ok:
         manifest = report.manifest
         print(
@@ -72,13 +76,6 @@ def _weights(args: argparse.Namespace) -> int:
     from .encoders import weights
 
     names = args.names or list(weights.SOURCES)
-    if args.action == "list":
-        for name in names:
-            source = weights.source_of(name)
-            path = weights.installed_path(name)
-            state = "present" if path.exists() else "absent"
-            print(f"{name:12s} {state:8s} {path}\n{'':12s} sha256 {source.sha256}\n{'':12s} {source.origin}")
-        return 0
     if args.action == "fetch":
         if args.source and len(names) != 1:
             raise FewsamError("--from takes one backbone name")
@@ -87,12 +84,23 @@ def _weights(args: argparse.Namespace) -> int:
         return 0
     failures = 0
     for name in names:
-        try:
-            print(f"{name}: {weights.resolve_checkpoint(name)} OK")
-        except FewsamError as error:
-            failures += 1
-            print(f"{name}: {error}")
-    return 1 if failures else 0
+        source = weights.source_of(name)
+        optional = source.fetch_local is None  # SAM ViT-B/L/H: only from a user-supplied file or download
+        path = Path(os.environ.get(source.env_var) or weights.installed_path(name)).expanduser()
+        if not path.exists():
+            state = "absent (optional)" if optional else "absent"
+            failures += args.action == "verify" and (not optional or bool(args.names))
+        else:
+            try:
+                weights.verify(path, source)
+                state = "verified"
+            except FewsamError as error:
+                state, failures = f"DAMAGED: {error}", failures + 1
+        if args.action == "list":
+            print(f"{name:12s} {state} {path}\n{'':12s} sha256 {source.sha256}\n{'':12s} {source.origin}")
+        else:
+            print(f"{name}: {state} {path}")
+    return 1 if failures and args.action == "verify" else 0
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -110,24 +118,10 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .methods.base import PlannedRun, get_method
+    from .methods.base import get_method
 
     method = get_method(args.method)
-    variant = args.variant
-    if args.trainer is not None or args.configuration is not None:  # nnU-Net's variant in two options
-        variant = f"{args.configuration or '2d'}-{args.trainer or 'nnUNetTrainer'}"
-    run = PlannedRun(
-        method.name,
-        args.manifest,
-        args.backbone if method.uses_backbone else "none",
-        variant or method.default_variant,
-        args.seed,
-        args.profile,
-        args.shots,
-        (args.budget or "full") if not method.uses_backbone else None,
-    )
-    if method.uses_backbone and args.budget is not None:
-        raise FewsamError(f"--budget is for label-budgeted methods (nnunet), not {method.command}")
+    run = method.run_from_options(args)
     method.check_request(run)
     check_device(args.device)
     if args.no_notebook:
@@ -269,17 +263,6 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def check_device(device: str) -> None:
     """Refuse a device this machine does not have, before any model is built."""
     if device == "cpu":
@@ -346,36 +329,19 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     from .bench.profiles import available_profiles
     from .methods.base import registered_methods
 
-    methods = registered_methods()
-    described = "; ".join(
-        f"{m.command}: {m.description} (variants: {', '.join(m.variant_names())}; default {m.default_variant})"
-        for m in methods
-    )
-    parser = sub.add_parser(
-        "run",
-        help="one benchmark run (executes its notebook into the run folder)",
-        description=f"Methods. {described}.",
-    )
-    parser.add_argument("method", choices=[m.command for m in methods])
-    parser.add_argument("manifest")
-    parser.add_argument("--backbone", default=None, help="methods on SAM: mobile_sam, lite_medsam, sam_vit_b ...")
-    parser.add_argument("--variant", default=None, help="the method's variant (see the description above)")
-    parser.add_argument("--shots", type=positive_int, default=None, help="fewshot: labelled slices per task")
-    parser.add_argument("--configuration", default=None, help="nnunet: 2d or 3d_fullres (with --trainer: the variant)")
-    parser.add_argument("--trainer", default=None, help="nnunet: an nnU-Net trainer class name")
-    parser.add_argument(
-        "--budget",
-        default=None,
-        choices=["full", "matched"],
-        help="nnunet: every training volume, or the few-shot collection's labelled slices",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", default="smoke", help=", ".join(available_profiles()))
-    parser.add_argument("--results", default=None, help="results folder (default: results/)")
-    parser.add_argument("--no-notebook", action="store_true", help="run through the library only, without papermill")
-    parser.add_argument("--checkpoint", default=None, help="only with --no-notebook")
-    parser.add_argument("--device", default="cpu", help="only with --no-notebook")
-    parser.add_argument("--quiet", action="store_true")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("manifest")
+    shared.add_argument("--seed", type=int, default=0)
+    shared.add_argument("--profile", default="smoke", help=f"{', '.join(available_profiles())}, or a .yaml file")
+    shared.add_argument("--results", default=None, help="results folder (default: results/)")
+    shared.add_argument("--no-notebook", action="store_true", help="run through the library only, without papermill")
+    shared.add_argument("--checkpoint", default=None, help="only with --no-notebook")
+    shared.add_argument("--device", default="cpu", help="only with --no-notebook")
+    shared.add_argument("--quiet", action="store_true")
+    parser = sub.add_parser("run", help="one benchmark run (executes its notebook into the run folder)")
+    methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for method in registered_methods():
+        method.add_run_options(methods.add_parser(method.command, parents=[shared], help=method.description))
     parser.set_defaults(handler=_run)
 
 

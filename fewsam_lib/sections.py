@@ -6,6 +6,7 @@ file and the key on any problem, so a misspelt ``modalty:`` or ``step:`` never p
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -78,3 +79,14 @@ def parse_section(cls: type[S], raw: Any, where: str, error: type[FewsamError] =
     if hasattr(section, "check_section"):  # nested settings a section checks itself
         section.check_section(where)
     return section
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

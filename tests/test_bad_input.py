@@ -146,3 +146,44 @@ def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path, capsys):
         "embedding cache",
         "is a file, not a folder",
     )
+
+
+@pytest.mark.parametrize("every_case", [False, True])
+def test_a_case_whose_label_volume_is_empty_is_named_by_validate(mini_dataset, tmp_path, capsys, every_case):
+    import nibabel as nib
+    import numpy as np
+
+    root, case_ids = mini_dataset
+    label_file = root / "labels" / f"{case_ids[0]}.nii.gz"
+    label = nib.load(label_file)
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine, label.header), label_file)
+    extra = {"every_case_shows_every_task": True} if every_case else {}
+    path = write_manifest(tmp_path / "mini.yaml", root, case_ids, **extra)
+    assert main(["validate", "--quiet", str(path)]) == (1 if every_case else 0)
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if case_ids[0] in line)
+    assert line.startswith("PROBLEM" if every_case else "WARNING") and "no labelled voxel at all" in line
+
+
+def test_weights_verify_passes_without_the_optional_checkpoints_and_names_a_damaged_one(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from fewsam_lib.encoders.weights import installed_path
+
+    for variable in ("FEWSAM_SAM_VIT_B_CHECKPOINT", "FEWSAM_SAM_VIT_L_CHECKPOINT", "FEWSAM_SAM_VIT_H_CHECKPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name in ("mobile_sam", "lite_medsam"):
+        shutil.copy(installed_path(name), folder / installed_path(name).name)
+    monkeypatch.setenv("FEWSAM_WEIGHTS", str(folder))
+    assert main(["weights", "verify"]) == 0
+    assert "sam_vit_h: absent (optional)" in capsys.readouterr().out
+    assert main(["weights", "verify", "sam_vit_b"]) == 1  # asked for by name: its absence fails
+    capsys.readouterr()
+    damaged = folder / installed_path("mobile_sam").name
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"0123456789")
+    assert main(["weights", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "mobile_sam   DAMAGED" in listed and "sha256 mismatch" in listed and "lite_medsam  verified" in listed
+    assert main(["weights", "verify"]) == 1

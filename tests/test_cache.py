@@ -66,7 +66,7 @@ def test_key_covers_backbone_and_preprocessing(tmp_path, hippocampus_slices):
     assert mobile.key(grey) != mobile.key(grey.T.copy())  # same pixels, other shape
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip payload byte", "garbage"])
+@pytest.mark.parametrize("damage", ["truncate", "flip payload byte", "garbage", "permuted shape"])
 def test_damaged_entry_is_detected_and_recomputed(damage, cache, hippocampus_slices, caplog):
     grey = hippocampus_slices[1]
     reference = cache.get(grey)
@@ -77,6 +77,10 @@ def test_damaged_entry_is_detected_and_recomputed(damage, cache, hippocampus_sli
     elif damage == "flip payload byte":
         data[-100] ^= 0xFF
         path.write_bytes(bytes(data))
+    elif damage == "permuted shape":  # same size, so only the shape can tell
+        text = bytes(data).replace(b'"shape": [256, 64, 64]', b'"shape": [64, 256, 64]')
+        assert text != bytes(data)
+        path.write_bytes(text)
     else:
         path.write_bytes(b"not an embedding")
     recomputed = cache.get(grey)

@@ -208,7 +208,9 @@ def _case_dice(hippocampus, volume, prediction, extent: range) -> float:
 def test_fewshot_smoke_notebook_writes_a_complete_run(fewshot_smoke_run, hippocampus):
     folder = fewshot_smoke_run
     meta, metrics = load_run(folder)
-    assert folder == RunSpec("msd_hippocampus", "fewshot", "centred", "mobile_sam", 0, "smoke", 5).folder(
+    smoke_variant = get_fewshot_variant("centred").with_schedule(steps=60).name  # the smoke schedule's own name
+    assert smoke_variant.startswith("centred-") and meta["variant"] == smoke_variant
+    assert folder == RunSpec("msd_hippocampus", "fewshot", smoke_variant, "mobile_sam", 0, "smoke", 5).folder(
         results_dir_of(folder)
     )
     notebook = json.loads((folder / "notebook.ipynb").read_text())

@@ -103,8 +103,8 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     anterior = table[(table.task == "anterior") & (table.level == "slice") & table.label.str.startswith("few-shot")]
     assert anterior.iou_mean.iloc[0] == pytest.approx(few[few.task == "anterior"]["mean"].iloc[0], abs=1e-4)
     headline = (results / "tables" / "headline.md").read_text()
-    assert "msd_hippocampus · anterior · mobile_sam: few-shot with 5 labelled slices" in headline
-    assert "nnU-Net trained on" in headline
+    assert "msd_hippocampus · anterior · mobile_sam: few-shot (5 shots, 1 seed) IoU" in headline
+    assert "; SAM box " in headline and "; nnU-Net matched budget (" in headline
     costs = pd.read_csv(results / "tables" / "cost_table.csv")
     trained = costs[costs.label.str.startswith(("few-shot", "nnU-Net"))]
     assert costs["nnU-Net plan + preprocess"].notna().any() and trained["decoder / nnU-Net training"].notna().all()
@@ -233,7 +233,7 @@ def test_headline_calls_equal_printed_scores_level_rather_than_below():
     committed = Path(__file__).resolve().parents[1] / "results"
     sentences = headline_sentences(pd.read_csv(committed / "tables" / "summary.csv"), run_index(committed))
     brainstem = next(s for s in sentences if s.startswith("openkbp_hn_ct · Brainstem · mobile_sam"))
-    assert "IoU 0.000" in brainstem and "reaches 0.000, level with few-shot" in brainstem  # committed cpu runs
+    assert "IoU 0.000" in brainstem and "nnU-Net full (2059 slices, 2d) 0.000 (level with few-shot)" in brainstem
     assert not any("0.000 IoU" in sentence for sentence in sentences)
 
 

@@ -114,7 +114,7 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _profile_from(raw: Any, path: Path | None, prefix: str = "") -> Profile:
+def _profile_from(raw: Any, path: Path | None = None, prefix: str = "") -> Profile:
     where = str(path) if path else "profile"
     methods = {method.section_key: method for method in registered_methods()}
     raw = check_keys(raw, (*TOP_LEVEL_KEYS, *methods), f"{where}: {prefix}".rstrip(": "))

@@ -79,6 +79,8 @@ class Manifest:
     # Tasks nobody annotated in a case (e.g. an organ not contoured): unknown there, not absent,
     # so they are never scored and never taught as background. Training cases have none.
     not_annotated: dict[str, frozenset[str]] = field(default_factory=dict)
+    # ``fewsam validate`` then fails a case without one of its annotated tasks (else it warns).
+    every_case_shows_every_task: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -260,6 +262,7 @@ MANIFEST_KEYS = (
     "intensity",
     "split",
     "not_annotated",
+    "every_case_shows_every_task",
 )
 
 
@@ -330,6 +333,13 @@ def _parse_not_annotated(
     return result
 
 
+def _parse_flag(raw: dict[str, Any], key: str, manifest_path: Path) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ManifestError(f"{manifest_path}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and structurally check a manifest. File-level checks live in :func:`validate`."""
     manifest_path = Path(path).resolve()
@@ -379,4 +389,5 @@ def load_manifest(path: str | Path) -> Manifest:
         description=str(raw.get("description", "")),
         not_annotated=_parse_not_annotated(raw.get("not_annotated"), cases, tasks, split, manifest_path),
         extra={"prepare": raw["prepare"]} if "prepare" in raw else {},
+        every_case_shows_every_task=_parse_flag(raw, "every_case_shows_every_task", manifest_path),
     )

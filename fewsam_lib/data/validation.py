@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ class ValidationReport:
     manifest: Manifest | None
     problems: list[str]  # one line each, starting with the file it is about
     cases_checked: int = 0
+    warnings: list[str] = field(default_factory=list)  # worth a look, not wrong by themselves
 
     @property
     def ok(self) -> bool:
@@ -56,6 +57,7 @@ def validate(path: str | Path, progress: bool = True) -> ValidationReport:
     known_values = {0, *manifest.tasks}
     task_voxels = dict.fromkeys(manifest.tasks, 0)
     checked = 0
+    warnings: list[str] = []
     for case in tqdm(manifest.cases.values(), desc=f"validate {manifest.dataset}", unit="case", disable=not progress):
         try:
             volume = load_volume(case.image, case.label, case.case_id)
@@ -78,6 +80,14 @@ def validate(path: str | Path, progress: bool = True) -> ValidationReport:
         for value, count in zip(values.tolist(), counts.tolist()):
             if value in task_voxels:
                 task_voxels[value] += count
+        missing = [name for value, name in manifest.annotated_tasks(case.case_id).items() if value not in values]
+        if missing:
+            what = "no labelled voxel at all" if values.tolist() == [0] else f"no voxel of {', '.join(missing)}"
+            line = f"{case.label}: case {case.case_id} has {what}"
+            if manifest.every_case_shows_every_task:
+                problems.append(f"{line}, but {manifest.path.name} says every case shows every task")
+            else:
+                warnings.append(f"{line} (list it under not_annotated if it was not annotated)")
         if volume.image is not None and not np.isfinite(volume.image).all():
             problems.append(f"{case.image}: image contains NaN or infinite values")
     if checked:
@@ -89,4 +99,4 @@ def validate(path: str | Path, progress: bool = True) -> ValidationReport:
                 )
     if not manifest.cases:
         problems.append(f"{manifest.path}: no image/label pairs found")
-    return ValidationReport(manifest, problems, checked)
+    return ValidationReport(manifest, problems, checked, warnings)

@@ -211,6 +211,11 @@ class EmbeddingCache:
             expected_bytes = int(np.prod(header["shape"])) * np.dtype(header["dtype"]).itemsize
             if header["key"] != key:
                 raise ValueError("key in header differs from file name")
+            if tuple(header["shape"]) != EMBEDDING_SHAPE or header["dtype"] != np.dtype(STORED_DTYPE).name:
+                raise ValueError(
+                    f"header says {header['dtype']} {tuple(header['shape'])}, expected "
+                    f"{np.dtype(STORED_DTYPE).name} {EMBEDDING_SHAPE}"
+                )
             if len(payload) != expected_bytes:
                 raise ValueError(f"payload has {len(payload)} bytes, expected {expected_bytes} (truncated)")
             if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:

@@ -175,6 +175,29 @@ class Method:
         """Sort order of a variant within the method's rows of the report."""
         return 0
 
+    def add_run_options(self, parser: Any) -> None:
+        """Options of ``fewsam run <command>`` beyond the shared ones (manifest, seed, profile ...)."""
+        parser.add_argument(
+            "--variant",
+            default=self.default_variant,
+            help=f"{', '.join(self.variant_names())} (default {self.default_variant})",
+        )
+        if self.uses_backbone:
+            parser.add_argument("--backbone", required=True, help="mobile_sam, lite_medsam, sam_vit_b ...")
+
+    def run_from_options(self, options: Any) -> PlannedRun:
+        """The run that ``fewsam run <command>``'s parsed options ask for."""
+        return PlannedRun(
+            self.name,
+            options.manifest,
+            getattr(options, "backbone", "none"),
+            options.variant,
+            options.seed,
+            options.profile,
+            getattr(options, "shots", None),
+            getattr(options, "budget", None),
+        )
+
     def command_options(self, run: PlannedRun) -> list[str]:
         """The ``fewsam run`` options that reproduce ``run`` (besides manifest, seed, profile)."""
         options = ["--variant", run.variant]
@@ -233,18 +256,3 @@ def settings_hash(settings: Any) -> str:
     """A short, stable hash of a variant's settings, for names that cannot say everything."""
     text = json.dumps(settings if isinstance(settings, dict) else asdict(settings), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-__all__ = [
-    "METHODS",
-    "CasePrediction",
-    "Method",
-    "MethodRun",
-    "PlannedRun",
-    "RunContext",
-    "get_method",
-    "register_method",
-    "registered_methods",
-    "settings_hash",
-    "unregister_method",
-]

@@ -41,7 +41,7 @@ from ..data.volumes import Volume, grey_slices, load_case, take_slice
 from ..encoders.backbones import resized_shape
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError, lookup
-from ..sections import parse_section
+from ..sections import parse_section, positive_int
 from .base import CasePrediction, Method, MethodRun, RunContext, register_method, settings_hash
 from .sam_decoding import EMBEDDING_GRID, decode_masks, no_mask_prompt, resolve_overlaps
 
@@ -549,6 +549,10 @@ class FewShot(Method):
                 f"'{variant.name}'; name the registered variant '{variant.base}'"
             )
         return variant
+
+    def add_run_options(self, parser: Any) -> None:
+        super().add_run_options(parser)
+        parser.add_argument("--shots", type=positive_int, required=True, help="labelled slices per task")
 
     def start(self, context: RunContext) -> FewShotRun:
         return FewShotRun(context)

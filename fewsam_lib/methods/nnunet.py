@@ -423,6 +423,26 @@ class NnUNet(Method):
     def resolve_variant(self, name: str, section: NnUNetSection | None) -> NnUNetVariant:
         return NnUNetVariant.from_name(name)
 
+    def add_run_options(self, parser: Any) -> None:
+        parser.add_argument("--configuration", default="2d", choices=CONFIGURATIONS, help="nnU-Net's configuration")
+        parser.add_argument(
+            "--trainer",
+            default=NnUNetVariant.from_name(self.default_variant).trainer,
+            help="an nnU-Net trainer class (nnunetv2's own, or the project's in nnunet_trainers/)",
+        )
+        parser.add_argument(
+            "--budget",
+            default="full",
+            choices=BUDGETS,
+            help="every training volume, or the few-shot collection's labelled slices",
+        )
+
+    def run_from_options(self, options: Any) -> PlannedRun:
+        variant = NnUNetVariant(options.configuration, options.trainer).name
+        return PlannedRun(
+            self.name, options.manifest, "none", variant, options.seed, options.profile, budget=options.budget
+        )
+
     def check_request(self, run: PlannedRun) -> None:
         if run.shots is not None:
             raise FewsamError("--shots is for fewshot runs (nnunet: --budget full or matched)")

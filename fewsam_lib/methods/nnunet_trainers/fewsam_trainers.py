@@ -17,7 +17,22 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 class _TrainedOnFoldAll(nnUNetTrainer):
     """No final validation: with fold ``all`` the validation cases are the training cases, and
     fewsam scores the test split with its own metrics (on CT this prediction alone costs minutes
-    per volume on a CPU)."""
+    per volume on a CPU). A subclass names its schedule in ``schedule`` (trainer attributes that
+    nnU-Net's ``__init__`` sets, e.g. ``num_epochs``)."""
+
+    schedule: dict[str, int] = {}
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for name, value in self.schedule.items():
+            setattr(self, name, value)
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         self.print_to_log_file(f"{type(self).__name__}: final validation on the training volumes skipped")
@@ -34,35 +49,14 @@ class _TrainedOnFoldAll(nnUNetTrainer):
 class nnUNetTrainer_fewsamSmoke(_TrainedOnFoldAll):
     """One epoch of 10 training and 5 validation iterations: proves the pipeline, learns little."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 10
-        self.num_val_iterations_per_epoch = 5
+    schedule = {"num_epochs": 1, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 5}
 
 
 class nnUNetTrainer_fewsam5epochs(_TrainedOnFoldAll):
     """nnunetv2's 5-epoch schedule (``nnUNetTrainer_5epochs``) with a checkpoint after every
     epoch, so an interrupted run resumes (``nnUNetv2_train --c``) instead of starting over."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
-        self.save_every = 1
+    schedule = {"num_epochs": 5, "save_every": 1}
 
 
 class nnUNetTrainer_fewsam5epochsBatch32(nnUNetTrainer_fewsam5epochs):

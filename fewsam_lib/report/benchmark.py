@@ -548,6 +548,9 @@ def write_report(
     if readme is not None:
         readme = Path(readme)
         text = replace_block(readme.read_text(), "headline_table", compact)
-        text = replace_block(text, "headline", headline)
+        # The front door keeps the table's backbone; headline.md has every backbone.
+        table_backbone = f" · {first_backbone(profile)}: "
+        shown = [line for line in headline.splitlines() if table_backbone in line] or headline.splitlines()
+        text = replace_block(text, "headline", "\n".join(shown) + "\n")
         readme.write_text(text)
     return written

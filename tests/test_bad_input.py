@@ -4,7 +4,7 @@ expensive work, and nothing left behind."""
 from __future__ import annotations
 
 import os
-import stat
+from pathlib import Path
 
 import pytest
 import yaml
@@ -64,38 +64,35 @@ def test_embed_refuses_a_negative_case_count(capsys):
     assert "--cases: must be at least 1, got -51" in capsys.readouterr().err
 
 
-def test_segment_output_problems_are_found_before_any_work(hippocampus, tmp_path, capsys):
+def read_only(monkeypatch, folder):
+    """``folder`` as a read-only mount looks to fewsam (permissions alone do not stop root, who runs CI)."""
+    from fewsam_lib import paths
+
+    real_access = os.access
+    monkeypatch.setattr(
+        paths.os,
+        "access",
+        lambda path, mode: False if Path(path) == folder and mode & os.W_OK else real_access(path, mode),
+    )
+
+
+def test_segment_output_problems_are_found_before_any_work(hippocampus, tmp_path, capsys, monkeypatch):
     query = str(hippocampus.case(hippocampus.case_ids("test")[0]).image)
     base = ["segment", "--query", query, "--model", str(tmp_path / "missing.pt")]
     _fails(capsys, [*base, "--out", str(tmp_path / "prediction")], "--out", "must end in .nii.gz or .nii")
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    try:
-        if os.access(locked, os.W_OK):  # root ignores permissions
-            pytest.skip("running as root: a read-only folder is writable")
-        _fails(capsys, [*base, "--out", str(locked / "out.nii.gz")], "--out", "is not writable")
-        _fails(
-            capsys,
-            [
-                "segment",
-                "--query",
-                query,
-                "--support",
-                query,
-                "--support-labels",
-                query,
-                "--out",
-                str(tmp_path / "o.nii.gz"),
-                "--save-model",
-                str(locked / "m.pt"),
-            ],
-            "--save-model",
-            "is not writable",
-        )
-    finally:
-        locked.chmod(stat.S_IRWXU)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]  # no partial file anywhere
+    read_only(monkeypatch, locked)
+    _fails(capsys, [*base, "--out", str(locked / "out.nii.gz")], "--out", "is not writable")
+    train = ["segment", "--query", query, "--support", query, "--support-labels", query]
+    _fails(
+        capsys,
+        [*train, "--out", str(tmp_path / "o.nii.gz"), "--save-model", str(locked / "sub" / "m.pt")],
+        "--save-model",
+        "is not writable",
+    )
+    _fails(capsys, [*base, "--out", str(tmp_path / "out" / "o.nii.gz")], "no such few-shot model file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]  # no partial file, no folder made
 
 
 def test_a_device_the_machine_lacks_is_one_line(hippocampus, tmp_path, capsys):
@@ -128,7 +125,16 @@ def test_a_device_the_machine_lacks_is_one_line(hippocampus, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path, capsys):
+def test_a_cache_folder_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only(monkeypatch, locked)
+    _fails(
+        capsys,
+        ["embed", str(HIPPOCAMPUS_MANIFEST), "--backbone", "mobile_sam", "--cache", str(locked)],
+        "embedding cache",
+        "is not writable",
+    )
     blocker = tmp_path / "cache"
     blocker.write_text("not a folder")
     _fails(

@@ -21,12 +21,13 @@ PROFILE ?= cpu
 # Original SAM checkpoints to download from Meta's official URLs, e.g. `make weights SAM="vit_b vit_h"`.
 SAM ?=
 
-.PHONY: help setup weights data test lint format validate reproduce reproduce-list summarize clean
+.PHONY: help setup weights data test lint format bench validate reproduce reproduce-list summarize clean
 
 help:
 	@echo "make setup     virtual environment in $(VENV) with pinned dependencies, plus verified weights"
 	@echo "make test      the test suite (real data from FEWSAM_DATA=$(FEWSAM_DATA))"
 	@echo "make lint      ruff: lint and format check (make format rewrites the files)"
+	@echo "make bench     the hot steps' candidates timed side by side -> results/benchmarks/<host-kind>.{csv,md}"
 	@echo "make weights   fetch and verify MobileSAM + LiteMedSAM (add SAM=\"vit_b\" to download SAM ViT-B)"
 	@echo "make data      check the datasets under FEWSAM_DATA (download MSD Task04 if it is missing) and"
 	@echo "               convert OpenKBP to NIfTI under FEWSAM_CONVERTED=$(FEWSAM_CONVERTED)"
@@ -68,6 +69,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Optional runtimes the benchmark compares (ONNX Runtime, OpenVINO); pinned like the rest.
+BENCH_STAMP := $(VENV)/.fewsam-bench-installed
+$(BENCH_STAMP): requirements-bench.txt | $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(FEWSAM) bench
+
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
@@ -88,6 +98,7 @@ reproduce: $(RUNS_MK)
 reproduce-list: $(RUNS_MK)
 	@$(MAKE) -n -s -f $(RUNS_MK) FEWSAM=$(abspath $(FEWSAM)) runs | sed -n 's|.*fewsam run|fewsam run|p'
 	@echo "($$(grep -c '^	$$(FEWSAM) run ' $(RUNS_MK)) runs in profile $(PROFILE); the lines above are the ones not complete)"
+	@$(FEWSAM) reproduce --profile $(PROFILE) --estimate
 
 summarize: $(STAMP)
 	$(FEWSAM) summarize

@@ -138,6 +138,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.speed import run_benchmarks
+
+    _, written = run_benchmarks(args.backbones, repeats=args.repeats, output=args.output, progress=not args.quiet)
+    print(written.read_text())
+    print(f"written: {written} and {written.with_suffix('.csv')}")
+    return 0
+
+
 def _summarize(args: argparse.Namespace) -> int:
     from .bench.runs import default_results_dir, summarize
 
@@ -184,6 +193,11 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.makefile:
         print(f"written: {write_makefile(args.profile, args.makefile, args.results)}")
+        return 0
+    if args.estimate:
+        from .bench.reproduce import estimate_remaining
+
+        print(estimate_remaining(args.profile, args.results))
         return 0
     outcome = reproduce(args.profile, args.results, dry_run=args.dry_run, force=args.force)
     for folder, state in outcome:
@@ -396,6 +410,9 @@ def _results_parsers(sub: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--dry-run", action="store_true", help="list what would run")
     reproduce.add_argument("--force", action="store_true", help="rerun complete runs too")
     reproduce.add_argument(
+        "--estimate", action="store_true", help="only print what the runs not yet complete will cost (measured)"
+    )
+    reproduce.add_argument(
         "--makefile", default=None, help="only write a makefile with one target per run (what `make reproduce` runs)"
     )
     reproduce.set_defaults(handler=_reproduce)
@@ -432,6 +449,15 @@ def _data_parsers(sub: argparse._SubParsersAction) -> None:
     data.set_defaults(handler=_data)
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="time the hot steps' candidates side by side (results/benchmarks/)")
+    parser.add_argument("--backbones", nargs="+", default=["mobile_sam", "lite_medsam"])
+    parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds after a warm-up")
+    parser.add_argument("--output", default=None, help="folder (default: results/benchmarks)")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(handler=_bench)
+
+
 SUBCOMMANDS = (
     _validate_parser,
     _embed_parser,
@@ -439,6 +465,7 @@ SUBCOMMANDS = (
     _run_parser,
     _segment_parser,
     _results_parsers,
+    _bench_parser,
     _data_parsers,
 )
 

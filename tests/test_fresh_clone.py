@@ -29,3 +29,4 @@ def test_reproduce_list_on_a_fresh_clone_converts_the_data_and_lists_no_run(tmp_
     assert (tmp_path / "converted" / "openkbp_hn_ct" / "conversion.json").exists()
     listed = [line for line in result.stdout.splitlines() if line.startswith("fewsam run")]
     assert listed == [] and "the lines above are the ones not complete" in result.stdout
+    assert "every run of profile cpu is complete" in result.stdout

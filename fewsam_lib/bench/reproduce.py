@@ -7,18 +7,20 @@ per run, resumable and parallel with ``-j``; see :func:`write_makefile`) and ``f
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
+import pandas as pd
 from tqdm import tqdm
 
 from .. import paths
 from ..data.manifest import load_manifest
 from ..methods.base import PlannedRun, get_method
-from .evaluate import planned_folder
+from .evaluate import planned_folder, run_spec
 from .notebooks import run_dataset_overview, run_notebook, run_report
 from .profiles import load_profile
-from .runs import COMPLETE_STAMP, IncompleteRun, default_results_dir, load_run, mark_complete
+from .runs import COMPLETE_STAMP, IncompleteRun, default_results_dir, load_run, mark_complete, run_folders
 
 
 def is_complete(folder: Path) -> bool:
@@ -136,3 +138,51 @@ def reproduce(
     if not dry_run:
         finish_profile(profile, results_dir, force=force)
     return outcome
+
+
+def measured_totals(results_dir: Path) -> pd.DataFrame:
+    """Run totals (seconds) of every complete run, with what identifies its kind."""
+    rows = []
+    for folder in run_folders(results_dir):
+        meta = json.loads((folder / "run.json").read_text())
+        if meta.get("status") == "complete" and "total" in meta.get("timings_s", {}):
+            rows.append(
+                {
+                    "method": meta["method"],
+                    "dataset": meta["dataset"],
+                    "backbone": meta["backbone"],
+                    "shots": meta.get("shots"),
+                    "total_s": meta["timings_s"]["total"],
+                }
+            )
+    return pd.DataFrame(rows, columns=["method", "dataset", "backbone", "shots", "total_s"])
+
+
+def estimate_remaining(profile: str, results_dir: str | Path | None = None) -> str:
+    """What the runs of ``profile`` that are not complete will cost, from measured run totals:
+    the median of complete runs of the same method, dataset, backbone and shots (else the same
+    method, dataset and backbone; else the same method and dataset)."""
+    chosen = load_profile(profile)
+    results_dir = Path(results_dir) if results_dir else default_results_dir()
+    measured = measured_totals(results_dir)
+    remaining, seconds, unknown = 0, 0.0, 0
+    for run in chosen.runs():
+        spec = run_spec(run)
+        if is_complete(spec.folder(results_dir)):
+            continue
+        remaining += 1
+        same = measured[(measured.method == spec.method) & (measured.dataset == spec.dataset)]
+        for keys in ({"backbone": spec.backbone, "shots": spec.shots}, {"backbone": spec.backbone}, {}):
+            match = same
+            for column, value in keys.items():
+                match = match[match[column].isna()] if value is None else match[match[column] == value]
+            if len(match):
+                seconds += float(match.total_s.median())
+                break
+        else:
+            unknown += 1
+    if not remaining:
+        return f"every run of profile {chosen.name} is complete"
+    text = f"{remaining} runs to do in profile {chosen.name}: about {seconds / 3600:.1f} h of run totals"
+    text += " (medians of measured complete runs of the same method, dataset and backbone"
+    return text + (f"; {unknown} without a measured match, not counted)" if unknown else ")")

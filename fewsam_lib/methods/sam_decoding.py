@@ -36,6 +36,42 @@ def decode_masks(
     return model.postprocess_masks(low_res, input_size, slice_shape), predicted_iou
 
 
+def decode_many(
+    decoder: MaskDecoder,
+    model: Sam,
+    embeddings: torch.Tensor,
+    sparse: torch.Tensor,
+    slice_shapes: list[tuple[int, int]],
+    dense: torch.Tensor | None = None,
+    multimask: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One decoder call for B slices with T prompt sets each: logits per slice, (T, C, H_i, W_i), and
+    predicted IoU (B*T, C).
+
+    ``embeddings`` (B, 256, 64, 64); ``sparse`` (B*T, k, 256) grouped by slice; ``dense`` (B*T, 256,
+    64, 64) or SAM's no-mask prompt. SAM's decoder repeats one image embedding for every prompt;
+    here each prompt gets its own slice's embedding through the dense input (SAM adds the two),
+    with a zero image embedding, so a batch of slices costs one call instead of B.
+    """
+    if not isinstance(embeddings, torch.Tensor):
+        embeddings = torch.stack(list(embeddings))
+    count = sparse.shape[0] // len(embeddings)
+    per_prompt = embeddings.to(model.device).repeat_interleave(count, dim=0)
+    dense = no_mask_prompt(model, len(per_prompt)) if dense is None else dense
+    low_res, predicted_iou = decoder(
+        image_embeddings=torch.zeros_like(per_prompt[:1]),
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=per_prompt + dense,
+        multimask_output=multimask,
+    )
+    logits = []
+    for index, shape in enumerate(slice_shapes):
+        input_size = resized_shape(*shape, model.image_encoder.img_size)
+        logits.append(model.postprocess_masks(low_res[index * count : (index + 1) * count], input_size, shape))
+    return logits, predicted_iou
+
+
 def no_mask_prompt(model: Sam, count: int) -> torch.Tensor:
     """SAM's dense embedding for 'no mask prompt', (count, 256, 64, 64)."""
     dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)

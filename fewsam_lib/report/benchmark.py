@@ -381,6 +381,27 @@ def cost_table(index: pd.DataFrame) -> pd.DataFrame:
     groups = frame.groupby(["dataset", "label", "backbone"], sort=False)
     table = groups[present].mean().reset_index()
     table.insert(3, "runs", groups.size().to_numpy())
+    # What reproducing costs from a cold cache: every run's total, per dataset and for the profile.
+    totals = [
+        {
+            "dataset": dataset,
+            "label": "every run (sum)",
+            "backbone": "",
+            "runs": len(part),
+            "total_s": part.total_s.sum(),
+        }
+        for dataset, part in frame.groupby("dataset", sort=True)
+    ]
+    totals.append(
+        {
+            "dataset": "all",
+            "label": "profile total (sum)",
+            "backbone": "",
+            "runs": len(frame),
+            "total_s": frame.total_s.sum(),
+        }
+    )
+    table = pd.concat([table, pd.DataFrame(totals)], ignore_index=True)
     return table.rename(columns=columns)
 
 
@@ -391,7 +412,8 @@ def cost_table_markdown(costs: pd.DataFrame) -> str:
         "Seconds, means over runs. —: the run had no such step, or did it in an earlier call (a warm cache "
         "encodes nothing; an nnU-Net run that resumed after planning). Run total: the wall time of the call "
         "that completed the run; nnU-Net training that began in an earlier call is the sum of its epochs' "
-        "times, counted in the training column only.\n"
+        "times, counted in the training column only. The sums add the run totals: what the runs cost as "
+        "they were made (each cache warm or cold as it was then).\n"
     )
 
 

@@ -1,0 +1,36 @@
+"""Costs visible to users: the cost table's totals and the estimate of what is left to run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import REPO
+
+from fewsam_lib.bench.reproduce import estimate_remaining, measured_totals
+from fewsam_lib.report.benchmark import cost_table, run_index
+
+COMMITTED = REPO / "results"
+
+
+def test_the_cost_table_adds_every_run_per_dataset_and_for_the_profile():
+    index = run_index(COMMITTED, "cpu")
+    costs = cost_table(index)
+    total = costs[costs.label == "profile total (sum)"].iloc[0]
+    assert total["runs"] == len(index) == 48
+    assert total["run total"] == pytest.approx(index.total_s.sum())
+    per_dataset = costs[costs.label == "every run (sum)"]
+    assert per_dataset["run total"].sum() == pytest.approx(total["run total"])
+
+
+def test_the_estimate_uses_measured_runs_of_the_same_kind(tmp_path):
+    assert estimate_remaining("cpu") == "every run of profile cpu is complete"
+    results = tmp_path / "results"
+    kept = sorted((COMMITTED / "runs" / "msd_hippocampus" / "fewshot").iterdir())[:2]
+    for folder in kept:
+        shutil.copytree(folder, results / "runs" / "msd_hippocampus" / "fewshot" / folder.name)
+    measured = measured_totals(results)
+    assert len(measured) == 2
+    text = estimate_remaining("cpu", results)
+    assert text.startswith("46 runs to do in profile cpu: about ")
+    assert "without a measured match" in text  # prompting and nnU-Net have no measured run here

@@ -1,0 +1,44 @@
+"""``fewsam bench``'s machinery: interleaved timing, ratios within one run, and candidates that
+compute what today's path computes."""
+
+from __future__ import annotations
+
+import torch
+
+from fewsam_lib.bench.speed import host_kind, interleaved, native_bf16, rows_of
+from fewsam_lib.methods.fewshot import decode
+from fewsam_lib.methods.sam_decoding import decode_many
+
+
+def test_candidates_run_in_turn_and_are_compared_with_the_first_in_the_same_run():
+    calls = []
+
+    def candidate(name, value):
+        def run():
+            calls.append(name)
+            return torch.full((4,), value)
+
+        return run
+
+    candidates = {"today": candidate("today", 1.0), "same": candidate("same", 1.0), "other": candidate("other", -1.0)}
+    times = interleaved(candidates, repeats=3, progress=False)
+    assert calls == ["today", "same", "other"] * 4  # a warm-up round, then three interleaved rounds
+    rows = rows_of("step", "toy", times, {name: run() for name, run in candidates.items()}, notes={"x": "y"})
+    assert [row.candidate for row in rows] == ["today", "same", "other"] and rows[0].speedup == 1.0
+    assert rows[1].cosine == 1.0 and rows[1].max_abs_diff == 0.0 and rows[2].cosine == -1.0
+    assert host_kind().startswith(("cpu-", "gpu-")) and ("-bf16-" in host_kind()) == native_bf16()
+
+
+def test_one_decoder_call_for_several_slices_gives_each_slice_s_own_logits(mobile_sam):
+    model = mobile_sam.model
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(3, 256, 64, 64, generator=generator) * 0.1
+    tokens = torch.randn(2, 1, 256, generator=generator)
+    shapes = [(35, 51), (35, 51), (36, 50)]
+    with torch.inference_mode():
+        alone = [decode(model.mask_decoder, model, e, tokens, s) for e, s in zip(embeddings, shapes)]
+        together, _ = decode_many(model.mask_decoder, model, embeddings, tokens.repeat(3, 1, 1), shapes)
+    for one, batched in zip(alone, together):
+        assert batched.shape == (2, 1, *one.shape[1:])
+        torch.testing.assert_close(batched[:, 0], one, atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(alone[0], alone[1])  # the slices' own embeddings made the difference

@@ -218,6 +218,11 @@ def test_run_json_of_a_new_run_holds_no_absolute_path(empty_method, tmp_path):
     assert json.loads(text)["data"]["root"] == "${FEWSAM_DATA}/Task04_Hippocampus"
 
 
+def test_a_run_records_which_encoder_path_made_its_embeddings(prompting_smoke_run):
+    meta = json.loads((prompting_smoke_run / "run.json").read_text())
+    assert meta["encoder_path"] == "torch-fp32-eager" and meta["backbone_checkpoint"]["name"] == "mobile_sam"
+
+
 def test_every_shipped_method_is_registered_with_its_notebook():
     for name in ("sam_prompting", "fewshot", "nnunet"):
         method = get_method(name)

@@ -34,6 +34,9 @@ from ..encoders.backbones import EMBEDDING_SHAPE, BackboneSpec, LoadedBackbone, 
 log = logging.getLogger(__name__)
 
 MAGIC = b"FEWSAM-EMBEDDING-1\n"
+# How the encoder runs: torch, eager, fp32 on CPU (the other paths `fewsam bench` measures are not
+# used yet; one that is must join the cache key, so entries of different paths never mix).
+ENCODER_PATH = "torch-fp32-eager"
 ENTRY_SUFFIX = ".emb"
 STORED_DTYPE = np.float16
 
@@ -97,6 +100,13 @@ class EmbeddingCache:
             },
             sort_keys=True,
         ).encode()
+
+    def provenance(self) -> dict[str, object]:
+        """What made this cache's embeddings, for a run's ``run.json``."""
+        return {
+            "backbone_checkpoint": {"name": self.spec.name, "sha256": self.spec.checkpoint.sha256},
+            "encoder_path": ENCODER_PATH,
+        }
 
     @property
     def backbone(self) -> LoadedBackbone:

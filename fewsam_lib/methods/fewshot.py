@@ -481,7 +481,7 @@ class FewShotRun(MethodRun):
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "backbone_checkpoint": {"name": self.cache.spec.name, "sha256": self.cache.spec.checkpoint.sha256},
+            **self.cache.provenance(),
             "collection": self.collection.as_dict(),
         }
 

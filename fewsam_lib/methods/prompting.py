@@ -262,7 +262,7 @@ class PromptingRun(MethodRun):
         return {"variant_definition": asdict(self.variant), "multimask_output": self.variant.multimask}
 
     def provenance(self) -> dict:
-        return {"backbone_checkpoint": {"name": self.cache.spec.name, "sha256": self.cache.spec.checkpoint.sha256}}
+        return self.cache.provenance()
 
     def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
         manifest, seed = self.context.manifest, self.context.run.seed

@@ -121,8 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     from .methods.base import get_method
 
     method = get_method(args.method)
-    run = method.run_from_options(args)
-    method.check_request(run)
+    run = method.run_from_options(args)  # evaluate and run_notebook check the request first
     check_device(args.device)
     if args.no_notebook:
         from .bench.evaluate import evaluate

@@ -9,7 +9,8 @@ reference (cosine and max abs difference), so a fast path is only a winner withi
 from __future__ import annotations
 
 import contextlib
-import os
+import copy
+import io
 import platform
 import statistics
 import tempfile
@@ -212,7 +213,7 @@ def _compiled(encoder: torch.nn.Module, batch: torch.Tensor) -> Candidate:
 def _openvino(encoder: torch.nn.Module, batch: torch.Tensor, precision: str) -> Candidate:
     import openvino
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         converted = openvino.convert_model(encoder, example_input=batch)
     compiled = openvino.Core().compile_model(
@@ -230,7 +231,7 @@ def _onnxruntime(encoder: torch.nn.Module, batch: torch.Tensor, workdir: Path) -
     import onnxruntime
 
     path = workdir / "encoder.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(encoder, (batch,), str(path), input_names=["image"], output_names=["embedding"], dynamo=False)
     options = onnxruntime.SessionOptions()
@@ -293,7 +294,6 @@ def bench_decoder(backbone: str, tasks: int, slices: int, repeats: int, progress
     tokens = torch.randn(tasks, 1, 256, generator=generator)
     shape = (35, 51)
     targets = (torch.rand(slices, tasks, *shape, generator=generator) > 0.8).float()
-    import copy
 
     def train_step(batched: bool, bf16: bool) -> Candidate:
         decoder = copy.deepcopy(model.mask_decoder).train().requires_grad_(True)

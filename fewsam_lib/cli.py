@@ -51,7 +51,12 @@ def _embed(args: argparse.Namespace) -> int:
         case_ids = case_ids[: args.cases]
     check_device(args.device)
     cache = EmbeddingCache(
-        args.backbone, root=args.cache, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size
+        args.backbone,
+        root=args.cache,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        encoder_path=args.encoder_path,
     )
     total = 0
     for case_id in tqdm(case_ids, desc=f"embed {manifest.dataset} [{args.backbone}]", unit="case", disable=args.quiet):
@@ -65,7 +70,7 @@ def _embed(args: argparse.Namespace) -> int:
     print(
         f"{manifest.dataset} {args.split}: {len(case_ids)} cases, {total} slices, backbone {args.backbone}: "
         f"{stats.hits} hits, {stats.misses} misses (encoded), {stats.corrupt} damaged entries recomputed; "
-        f"encoder time {stats.encode_seconds:.1f} s; cache {cache.folder}"
+        f"encoder time {stats.encode_seconds:.1f} s ({cache.encoder_path}); cache {cache.folder}"
     )
     if stats.misses == 0:
         print("nothing to encode: every slice was already in the cache")
@@ -249,6 +254,7 @@ def _segment(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint=args.checkpoint,
         device=args.device,
+        encoder_path=args.encoder_path,
         progress=not args.quiet,
     )
     if result.support_slices:
@@ -301,6 +307,17 @@ def _validate_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_validate)
 
 
+def add_encoder_path_option(parser: argparse.ArgumentParser) -> None:
+    from .encoders.runtimes import ENCODER_PATHS
+
+    parser.add_argument(
+        "--encoder-path",
+        default=None,
+        choices=list(ENCODER_PATHS),
+        help="how the image encoder runs (default: openvino-fp32 on CPU, torch-fp32-eager on a GPU)",
+    )
+
+
 def _embed_parser(sub: argparse._SubParsersAction) -> None:
     from .encoders.backbones import BACKBONES
 
@@ -315,6 +332,7 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: weights folder / env var)")
     parser.add_argument("--cache", default=None, help="cache folder (default: $FEWSAM_CACHE)")
     parser.add_argument("--device", default="cpu")
+    add_encoder_path_option(parser)
     parser.add_argument(
         "--batch-size", type=positive_int, default=None, help="slices per encoder call (default: 1 on CPU, 8 on GPU)"
     )
@@ -386,6 +404,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="cpu")
+    add_encoder_path_option(parser)
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(handler=_segment)
 

@@ -29,6 +29,12 @@ def cache_root() -> Path:
     return _from_env("FEWSAM_CACHE", REPO_ROOT / ".cache" / "embeddings")
 
 
+def converted_encoders_root() -> Path:
+    """Image encoders converted once for another runtime (OpenVINO IR): ``$FEWSAM_CACHE/_converted``,
+    shared by every embedding cache folder of the installation (a ``--cache`` folder too)."""
+    return cache_root() / "_converted"
+
+
 def weights_root() -> Path:
     """``FEWSAM_WEIGHTS``: verified checkpoints (default ``<repo>/weights``, git-ignored)."""
     return _from_env("FEWSAM_WEIGHTS", REPO_ROOT / "weights")

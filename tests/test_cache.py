@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -12,9 +14,19 @@ import pytest
 import torch
 from conftest import write_manifest
 
+from fewsam_lib import paths
 from fewsam_lib.cli import main
 from fewsam_lib.encoders import cache as cache_module
+from fewsam_lib.encoders import runtimes
 from fewsam_lib.encoders.cache import EmbeddingCache
+from fewsam_lib.encoders.runtimes import (
+    TOLERANCE,
+    TORCH_FP32_EAGER,
+    default_encoder_path,
+    get_encoder_path,
+    openvino_folder,
+)
+from fewsam_lib.errors import FewsamError
 
 FP16_TOLERANCE = 1e-3  # embeddings are stored as float16 (measured max error ~2.4e-4)
 
@@ -64,6 +76,50 @@ def test_key_covers_backbone_and_preprocessing(tmp_path, hippocampus_slices):
     lite = EmbeddingCache("lite_medsam", root=tmp_path)
     assert mobile.key(grey) != lite.key(grey)
     assert mobile.key(grey) != mobile.key(grey.T.copy())  # same pixels, other shape
+
+
+def test_default_encoder_path_matches_torch_fp32_within_its_tolerance(mobile_sam, hippocampus_slices, tmp_path):
+    """The accuracy check of the fast default: OpenVINO fp32 against torch eager on real slices."""
+    assert default_encoder_path("cpu") == "openvino-fp32" and default_encoder_path("cuda") == TORCH_FP32_EAGER
+    batch = torch.stack([mobile_sam.prepare(s) for s in hippocampus_slices[:2]])
+    reference = get_encoder_path(TORCH_FP32_EAGER).build(mobile_sam, tmp_path)(batch)
+    fast = get_encoder_path("openvino-fp32").build(mobile_sam, paths.converted_encoders_root())(batch)
+    assert fast.shape == reference.shape == (2, 256, 64, 64)
+    assert float((fast - reference).abs().max()) <= TOLERANCE
+
+
+def test_the_converted_encoder_is_made_once_and_reused(mobile_sam, monkeypatch):
+    get_encoder_path("openvino-fp32").build(mobile_sam, paths.converted_encoders_root())  # converts if missing
+    assert (openvino_folder(mobile_sam, paths.converted_encoders_root()) / "encoder.xml").exists()
+
+    def convert_again(*args):
+        raise AssertionError("converted although a converted encoder was in place")
+
+    monkeypatch.setattr(runtimes, "_convert", convert_again)
+    get_encoder_path("openvino-fp32").build(mobile_sam, paths.converted_encoders_root())
+
+
+def test_key_covers_the_encoder_path_and_keeps_the_keys_made_before_paths(tmp_path, hippocampus_slices):
+    grey = hippocampus_slices[0]
+    default = EmbeddingCache("mobile_sam", root=tmp_path)
+    reference = EmbeddingCache("mobile_sam", root=tmp_path, encoder_path=TORCH_FP32_EAGER)
+    assert default.encoder_path == "openvino-fp32" and default.key(grey) != reference.key(grey)
+    # The key of torch-fp32-eager entries, as every cache before encoder paths computed it.
+    spec = reference.spec
+    prefix = {"backbone": spec.name, "checkpoint_sha256": spec.checkpoint.sha256, "preprocessing": spec.preprocessing()}
+    digest = hashlib.sha256(json.dumps(prefix, sort_keys=True).encode())
+    pixels = np.ascontiguousarray(grey, dtype=np.float32)
+    digest.update(repr(pixels.shape).encode())
+    digest.update(pixels.tobytes())
+    assert reference.key(grey) == digest.hexdigest()
+    assert reference.provenance()["encoder_path"] == TORCH_FP32_EAGER
+
+
+def test_an_encoder_path_that_cannot_run_on_the_device_is_refused(tmp_path):
+    with pytest.raises(FewsamError, match="openvino-fp32 runs on cpu, not cuda"):
+        EmbeddingCache("mobile_sam", root=tmp_path, device="cuda", encoder_path="openvino-fp32")
+    with pytest.raises(FewsamError, match="unknown encoder path 'onnx'"):
+        EmbeddingCache("mobile_sam", root=tmp_path, encoder_path="onnx")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip payload byte", "garbage", "permuted shape"])

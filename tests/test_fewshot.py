@@ -210,9 +210,8 @@ def test_fewshot_smoke_notebook_writes_a_complete_run(fewshot_smoke_run, hippoca
     meta, metrics = load_run(folder)
     smoke_variant = get_fewshot_variant("centred").with_schedule(steps=60).name  # the smoke schedule's own name
     assert smoke_variant.startswith("centred-") and meta["variant"] == smoke_variant
-    assert folder == RunSpec("msd_hippocampus", "fewshot", smoke_variant, "mobile_sam", 0, "smoke", 5).folder(
-        results_dir_of(folder)
-    )
+    spec = RunSpec("msd_hippocampus", "fewshot", smoke_variant, "mobile_sam", 0, "smoke", 5, "openvino-fp32")
+    assert folder == spec.folder(results_dir_of(folder))
     notebook = json.loads((folder / "notebook.ipynb").read_text())
     assert any("parameters" in cell["metadata"].get("tags", []) for cell in notebook["cells"])
     assert meta["shots"] == 5 and meta["parameters"]["training"]["steps"] == 60  # the smoke schedule

@@ -141,7 +141,8 @@ def smoke_run(prompting_smoke_run):
 def test_smoke_notebook_writes_a_complete_run(smoke_run, hippocampus):
     results, folder = smoke_run
     meta, metrics = load_run(folder)
-    assert folder == RunSpec("msd_hippocampus", "sam_prompting", "box", "mobile_sam", 0, "smoke").folder(results)
+    spec = RunSpec("msd_hippocampus", "sam_prompting", "box", "mobile_sam", 0, "smoke", encoder_path="openvino-fp32")
+    assert folder == spec.folder(results) and folder.name.endswith("_smoke_openvino-fp32")
     assert (folder / "notebook.ipynb").exists()
     notebook = json.loads((folder / "notebook.ipynb").read_text())
     assert any("parameters" in cell["metadata"].get("tags", []) for cell in notebook["cells"])
@@ -214,7 +215,9 @@ def test_a_failed_run_stays_marked_running(smoke_run, monkeypatch):
             results_dir=results,
             progress=False,
         )
-    folder = RunSpec("msd_hippocampus", "sam_prompting", "point3", "mobile_sam", 0, "smoke").folder(results)
+    folder = RunSpec(
+        "msd_hippocampus", "sam_prompting", "point3", "mobile_sam", 0, "smoke", None, "openvino-fp32"
+    ).folder(results)
     assert json.loads((folder / "run.json").read_text())["status"] == "running"
     with pytest.raises(IncompleteRun, match="not complete"):
         load_run(folder)

@@ -8,15 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import HIPPOCAMPUS_MANIFEST, REPO
+from conftest import HIPPOCAMPUS_MANIFEST, REPO, results_dir_of
 
 from fewsam_lib.bench.evaluate import evaluate, planned_folder, run_spec
 from fewsam_lib.bench.profiles import PROFILE_DIR, load_profile
 from fewsam_lib.bench.reproduce import run_command
-from fewsam_lib.bench.runs import load_run, summarize
+from fewsam_lib.bench.runs import GROUP_COLUMNS, load_run, summarize
 from fewsam_lib.cli import build_parser, main
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.methods.base import (
@@ -29,7 +30,7 @@ from fewsam_lib.methods.base import (
     unregister_method,
 )
 from fewsam_lib.methods.fewshot import FewShotModel, get_fewshot_variant
-from fewsam_lib.report.benchmark import main_table, method_label, run_index
+from fewsam_lib.report.benchmark import check_one_encoder_path, main_table, method_label, run_index
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def test_a_saved_model_of_the_previous_format_still_loads(mobile_sam, tmp_path):
         (lambda raw: raw["prompting"].update(seeds="0"), "prompting: 'seeds' must be"),
         (lambda raw: raw["nnunet"].update(disable_tta="yes"), "nnunet: 'disable_tta' must be bool"),
         (lambda raw: raw.update(test_slices=1.5), "'test_slices' must be int"),
+        (lambda raw: raw.update(encoder_path="onnx-fp32"), "unknown encoder_path 'onnx-fp32' \\(known: torch-fp32"),
         (lambda raw: raw["overrides"]["openkbp_hn_ct"]["fewshot"].update(shot=[1]), "overrides: openkbp_hn_ct"),
     ],
 )
@@ -183,6 +185,14 @@ def test_a_profile_with_an_unknown_key_or_a_wrong_type_fails_at_load_naming_file
     with pytest.raises(FewsamError, match=message) as error:
         load_profile(str(path))
     assert str(path) in str(error.value)
+
+
+def test_the_cpu_profile_keeps_the_encoder_path_of_its_committed_runs():
+    """Until the cpu runs are regenerated together, new runs must not land beside them with another path."""
+    cpu = load_profile("cpu")
+    assert cpu.encoder_path_on("cpu") == "torch-fp32-eager"
+    assert load_profile("smoke").encoder_path_on("cpu") == "openvino-fp32"
+    assert all(planned_folder(run).exists() for run in cpu.runs() if run.method != "nnunet")
 
 
 def test_a_misspelt_profile_fails_before_a_run_folder_exists(tmp_path, capsys):
@@ -220,7 +230,17 @@ def test_run_json_of_a_new_run_holds_no_absolute_path(empty_method, tmp_path):
 
 def test_a_run_records_which_encoder_path_made_its_embeddings(prompting_smoke_run):
     meta = json.loads((prompting_smoke_run / "run.json").read_text())
-    assert meta["encoder_path"] == "torch-fp32-eager" and meta["backbone_checkpoint"]["name"] == "mobile_sam"
+    assert meta["encoder_path"] == "openvino-fp32" and meta["backbone_checkpoint"]["name"] == "mobile_sam"
+    summary = summarize(results_dir_of(prompting_smoke_run))
+    assert set(summary.encoder_path) == {"openvino-fp32"}
+
+
+def test_the_report_refuses_a_row_of_runs_from_two_encoder_paths():
+    row = {column: "x" for column in GROUP_COLUMNS}
+    summary = pd.DataFrame([{**row, "encoder_path": "torch-fp32-eager"}, {**row, "encoder_path": "openvino-fp32"}])
+    with pytest.raises(FewsamError, match="mix runs of different encoder paths.*openvino-fp32, torch-fp32-eager"):
+        check_one_encoder_path(summary)
+    check_one_encoder_path(summary.iloc[:1])  # one path: fine
 
 
 def test_every_shipped_method_is_registered_with_its_notebook():

@@ -36,7 +36,9 @@ def manifest_path(manifest: str | Path) -> Path:
     return path if path.is_absolute() or path.exists() else paths.REPO_ROOT / path
 
 
-def run_spec(run: PlannedRun, manifest: Manifest | None = None, profile: Profile | None = None) -> RunSpec:
+def run_spec(
+    run: PlannedRun, manifest: Manifest | None = None, profile: Profile | None = None, device: str = "cpu"
+) -> RunSpec:
     """Where and under which name ``run`` writes, without running it (cheap: no model is loaded)."""
     method = get_method(run.method)
     manifest = manifest or load_manifest(manifest_path(run.manifest))
@@ -51,6 +53,7 @@ def run_spec(run: PlannedRun, manifest: Manifest | None = None, profile: Profile
         run.seed,
         profile.name,
         method.shots_of(run, manifest, profile),
+        profile.encoder_path_on(device) if method.uses_backbone else None,
     )
 
 
@@ -85,6 +88,7 @@ def evaluate(
         run.seed,
         profile.name,
         method_run.shots,
+        context.encoder_path if method.uses_backbone else None,
     )
     case_ids = profile.test_case_ids(manifest)
     if not case_ids:

@@ -21,7 +21,7 @@ from ..methods.base import PlannedRun, get_method, registered_methods
 from ..sections import check_keys, parse_section
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
-TOP_LEVEL_KEYS = ("name", "description", "test_cases", "test_slices", "datasets", "overrides")
+TOP_LEVEL_KEYS = ("name", "description", "test_cases", "test_slices", "encoder_path", "datasets", "overrides")
 
 __all__ = ["PROFILE_DIR", "PlannedRun", "Profile", "available_profiles", "load_profile"]
 
@@ -35,6 +35,13 @@ class Profile:
     raw: dict[str, Any]
     path: Path | None = None
     sections: dict[str, Any] = field(default_factory=dict)  # method name -> typed section (present ones)
+    encoder_path: str | None = None  # how SAM encoders run (encoders/runtimes.py); None = the device's default
+
+    def encoder_path_on(self, device: str) -> str:
+        """The encoder path runs of this profile use on ``device``."""
+        from ..encoders.runtimes import check_encoder_path, default_encoder_path
+
+        return check_encoder_path(self.encoder_path or default_encoder_path(device), device).name
 
     def test_case_ids(self, manifest: Manifest) -> list[str]:
         ids = sorted(manifest.case_ids("test"))
@@ -118,7 +125,13 @@ def _profile_from(raw: Any, path: Path | None = None, prefix: str = "") -> Profi
     where = str(path) if path else "profile"
     methods = {method.section_key: method for method in registered_methods()}
     raw = check_keys(raw, (*TOP_LEVEL_KEYS, *methods), f"{where}: {prefix}".rstrip(": "))
-    for key, kind in (("name", str), ("description", str), ("test_cases", int), ("test_slices", int)):
+    for key, kind in (
+        ("name", str),
+        ("description", str),
+        ("test_cases", int),
+        ("test_slices", int),
+        ("encoder_path", str),
+    ):
         value = raw.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise FewsamError(f"{where}: {prefix}'{key}' must be {kind.__name__}, got {value!r}")
@@ -132,11 +145,25 @@ def _profile_from(raw: Any, path: Path | None = None, prefix: str = "") -> Profi
         for key, method in methods.items()
         if key in raw
     }
+    if raw.get("encoder_path") is not None:
+        from ..encoders.runtimes import ENCODER_PATHS
+
+        if raw["encoder_path"] not in ENCODER_PATHS:
+            raise FewsamError(
+                f"{where}: {prefix}unknown encoder_path '{raw['encoder_path']}' (known: {', '.join(ENCODER_PATHS)})"
+            )
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise FewsamError(f"{where}: 'overrides' must map manifest names to keys, got {overrides!r}")
     return Profile(
-        raw["name"], raw.get("description", ""), raw.get("test_cases"), raw.get("test_slices"), raw, path, sections
+        raw["name"],
+        raw.get("description", ""),
+        raw.get("test_cases"),
+        raw.get("test_slices"),
+        raw,
+        path,
+        sections,
+        raw.get("encoder_path"),
     )
 
 

@@ -1,6 +1,6 @@
 """Run folders, their metadata, and the summary over all runs.
 
-One run = (dataset, method, variant, backbone, shots, seed, profile), written to
+One run = (dataset, method, variant, backbone, shots, seed, profile, encoder path), written to
 ``results/runs/<dataset>/<method>/<run_id>/``:
 
 - ``run.json``: parameters, backbone and checkpoint sha256, manifest hash, code version, timings,
@@ -61,7 +61,20 @@ METRIC_COLUMNS = [
     "pred_voxels",
 ]
 METRICS = ["iou", "dice", "assd_mm", "hd95_mm"]
-GROUP_COLUMNS = ["dataset", "task", "method", "variant", "backbone", "shots", "profile", "level", "slice_selection"]
+GROUP_COLUMNS = [
+    "dataset",
+    "task",
+    "method",
+    "variant",
+    "backbone",
+    "encoder_path",
+    "shots",
+    "profile",
+    "level",
+    "slice_selection",
+]
+# The encoder path of runs made before run.json recorded one (the only path there was).
+RECORDED_BEFORE_PATHS = "torch-fp32-eager"
 LIBRARIES = [
     "torch",
     "segment-anything",
@@ -88,11 +101,14 @@ class RunSpec:
     seed: int
     profile: str
     shots: int | None = None
+    encoder_path: str | None = None  # None for methods without a SAM encoder
 
     @property
     def run_id(self) -> str:
         shots = f"_shots{self.shots}" if self.shots is not None else ""
-        return f"{self.backbone}_{self.variant}{shots}_seed{self.seed}_{self.profile}"
+        # torch-fp32-eager runs keep the names they had before encoder paths existed.
+        path = f"_{self.encoder_path}" if self.encoder_path not in (None, RECORDED_BEFORE_PATHS) else ""
+        return f"{self.backbone}_{self.variant}{shots}_seed{self.seed}_{self.profile}{path}"
 
     def folder(self, results_dir: str | Path) -> Path:
         return Path(results_dir) / "runs" / self.dataset / self.method / self.run_id
@@ -226,15 +242,24 @@ def collect_metrics(results_dir: str | Path, strict: bool = False) -> pd.DataFra
     frames, incomplete = [], []
     for folder in run_folders(results_dir):
         try:
-            frames.append(load_run(folder)[1])
+            meta, metrics = load_run(folder)
         except IncompleteRun as error:
             incomplete.append(str(error))
+            continue
+        frames.append(metrics.assign(encoder_path=encoder_path_of(meta)))
     if incomplete:
         message = "incomplete runs: " + "; ".join(incomplete)
         if strict:
             raise IncompleteRun(message)
         warnings.warn(message + " (skipped)", stacklevel=2)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*METRIC_COLUMNS, "encoder_path"])
+
+
+def encoder_path_of(meta: dict[str, Any]) -> str:
+    """The encoder path a run's embeddings came from ("" for a method without a SAM encoder)."""
+    if meta.get("backbone") in (None, "none"):
+        return ""
+    return meta.get("encoder_path") or RECORDED_BEFORE_PATHS
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, resamples: int = 2000) -> tuple[float, float]:
@@ -262,12 +287,15 @@ def summarize(results_dir: str | Path | None = None, strict: bool = False, seed:
         for keys, group in metrics.groupby(GROUP_COLUMNS, sort=True, dropna=False):
             for metric in METRICS:
                 values = group[metric].dropna().to_numpy(dtype=float)
-                # One generator per row, so an interval does not depend on which other runs exist.
-                row_key = zlib.crc32(repr((keys, metric)).encode())
+                # One generator per row, so an interval does not depend on which other runs exist
+                # (seeded without the encoder path, as before paths were recorded).
+                named = dict(zip(GROUP_COLUMNS, keys))
+                seeded_by = tuple(value for column, value in named.items() if column != "encoder_path")
+                row_key = zlib.crc32(repr((seeded_by, metric)).encode())
                 low, high = bootstrap_ci(values, np.random.default_rng([seed, row_key]))
                 rows.append(
                     {
-                        **dict(zip(GROUP_COLUMNS, keys)),
+                        **named,
                         "metric": metric,
                         "mean": values.mean() if len(values) else np.nan,
                         "std": values.std(ddof=1) if len(values) > 1 else np.nan,
@@ -299,7 +327,8 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}] (n={r['n']})", axis=1
     )
     for (dataset, level, selection), part in shown.groupby(["dataset", "level", "slice_selection"], sort=True):
-        table = part.set_index(["task", "backbone", "method", "variant", "shots", "profile", "metric"])["value"]
+        index = ["task", "backbone", "encoder_path", "method", "variant", "shots", "profile", "metric"]
+        table = part.set_index(index)["value"]
         table = table.unstack("metric").reset_index().replace({"shots": {"": "–"}})
         lines += [
             f"### {dataset} — {level} level ({selection.replace('_', ' ')})",
@@ -408,6 +437,7 @@ def verify_run(folder: str | Path, tolerance: float = 1e-9) -> list[str]:
         meta["seed"],
         meta["profile"],
         meta.get("shots"),
+        meta.get("encoder_path"),
     )
     problems = []
     for case_id, rows in recorded.groupby("case_id", sort=False):

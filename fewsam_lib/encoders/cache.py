@@ -1,15 +1,17 @@
 """The embedding cache: the only code in fewsam that runs an image encoder.
 
 Entries are content-addressed: the key hashes the backbone name, its checkpoint sha256, the
-preprocessing parameters and the exact float32 pixels of the slice the encoder would see, so a
-changed input can never return a stale embedding. One file per entry::
+preprocessing parameters, the encoder path (runtime and precision, ``encoders/runtimes.py``) and the
+exact float32 pixels of the slice the encoder would see, so a changed input can never return a
+stale embedding and paths never mix. One file per entry::
 
     <root>/<backbone>/<key[:2]>/<key>.emb
 
 holding a magic line, a JSON header (key, shape, dtype, sha256 of the payload, slice size) and the
 float16 payload (256x64x64, 2 MiB). Entries are written to a temporary file, fsynced and renamed,
 so a crash never leaves a partial entry under a real name, and are verified on every read; a
-damaged entry is reported, deleted and recomputed.
+damaged entry is reported, deleted and recomputed. Encoders converted once for another runtime
+(OpenVINO IR) live in :func:`paths.converted_encoders_root`, renamed into place whole in the same way.
 """
 
 from __future__ import annotations
@@ -30,13 +32,11 @@ from tqdm import tqdm
 
 from .. import paths
 from ..encoders.backbones import EMBEDDING_SHAPE, BackboneSpec, LoadedBackbone, get_spec, load_backbone
+from ..encoders.runtimes import TORCH_FP32_EAGER, Encode, check_encoder_path, default_encoder_path
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"FEWSAM-EMBEDDING-1\n"
-# How the encoder runs: torch, eager, fp32 on CPU (the other paths `fewsam bench` measures are not
-# used yet; one that is must join the cache key, so entries of different paths never mix).
-ENCODER_PATH = "torch-fp32-eager"
 ENTRY_SUFFIX = ".emb"
 STORED_DTYPE = np.float16
 
@@ -73,6 +73,7 @@ class EmbeddingCache:
         checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
+        encoder_path: str | None = None,
     ) -> None:
         if isinstance(backbone, LoadedBackbone):
             self._backbone: LoadedBackbone | None = backbone
@@ -82,6 +83,8 @@ class EmbeddingCache:
             self.spec = get_spec(backbone)
         self._checkpoint = checkpoint
         self.device = device
+        self.encoder_path = check_encoder_path(encoder_path or default_encoder_path(device), device).name
+        self._encode_fn: Encode | None = None
         # On CPU one slice at a time is fastest (measured: MobileSAM 2.8 s/slice at batch 1,
         # 3.8 s/slice at batch 4 on 2 cores); a GPU profits from batches.
         self.batch_size = batch_size or (1 if torch.device(device).type == "cpu" else 8)
@@ -92,20 +95,20 @@ class EmbeddingCache:
         self.stats = CacheStats()
         # A file verified against the official sha256 is the official checkpoint, so the
         # published hash identifies the weights without loading them.
-        self._key_prefix = json.dumps(
-            {
-                "backbone": self.spec.name,
-                "checkpoint_sha256": self.spec.checkpoint.sha256,
-                "preprocessing": self.spec.preprocessing(),
-            },
-            sort_keys=True,
-        ).encode()
+        identity = {
+            "backbone": self.spec.name,
+            "checkpoint_sha256": self.spec.checkpoint.sha256,
+            "preprocessing": self.spec.preprocessing(),
+        }
+        if self.encoder_path != TORCH_FP32_EAGER:  # entries made before paths existed keep their keys
+            identity["encoder_path"] = self.encoder_path
+        self._key_prefix = json.dumps(identity, sort_keys=True).encode()
 
     def provenance(self) -> dict[str, object]:
         """What made this cache's embeddings, for a run's ``run.json``."""
         return {
             "backbone_checkpoint": {"name": self.spec.name, "sha256": self.spec.checkpoint.sha256},
-            "encoder_path": ENCODER_PATH,
+            "encoder_path": self.encoder_path,
         }
 
     @property
@@ -114,6 +117,14 @@ class EmbeddingCache:
         if self._backbone is None:
             self._backbone = load_backbone(self.spec.name, self._checkpoint, self.device)
         return self._backbone
+
+    @property
+    def encode(self) -> Encode:
+        """The encoder's forward pass on this cache's path (built on first use)."""
+        if self._encode_fn is None:
+            path = check_encoder_path(self.encoder_path, self.device)
+            self._encode_fn = path.build(self.backbone, paths.converted_encoders_root())
+        return self._encode_fn
 
     def key(self, grey: np.ndarray) -> str:
         pixels = np.ascontiguousarray(grey, dtype=np.float32)
@@ -171,11 +182,11 @@ class EmbeddingCache:
         return out
 
     def _encode(self, slices: list[np.ndarray]) -> torch.Tensor:
-        backbone = self.backbone
+        backbone, encode = self.backbone, self.encode
         started = time.perf_counter()
         with torch.inference_mode():
             batch = torch.stack([backbone.prepare(s) for s in slices])
-            embeddings = backbone.model.image_encoder(batch).to("cpu", torch.float16)
+            embeddings = encode(batch).to("cpu", torch.float16)
         self.stats.encode_seconds += time.perf_counter() - started
         if tuple(embeddings.shape[1:]) != EMBEDDING_SHAPE:
             raise RuntimeError(

@@ -61,6 +61,11 @@ class RunContext:
     def section(self) -> Any:
         return self.profile.section(self.run.method)
 
+    @property
+    def encoder_path(self) -> str:
+        """How this run's SAM encoder runs (the profile's ``encoder_path``, else the device's default)."""
+        return self.profile.encoder_path_on(self.device)
+
 
 @dataclass
 class CasePrediction:

@@ -468,7 +468,9 @@ class FewShotRun(MethodRun):
             raise FewsamError("fewshot runs need --shots (labelled slices per task)")
         self.variant = FEWSHOT.resolve_variant(run.variant, context.section)
         self.backbone, self.shots = run.backbone, run.shots
-        self.cache = EmbeddingCache(self.backbone, checkpoint=context.checkpoint, device=context.device)
+        self.cache = EmbeddingCache(
+            self.backbone, checkpoint=context.checkpoint, device=context.device, encoder_path=context.encoder_path
+        )
         self.collection = draw_collection(context.manifest, run.shots, run.seed)
         self.timings = {"encode": 0.0, "train": 0.0, "predict": 0.0}
 

@@ -255,7 +255,9 @@ class PromptingRun(MethodRun):
         super().__init__(context)
         self.variant = get_variant(context.run.variant)
         self.backbone = context.run.backbone
-        self.cache = EmbeddingCache(self.backbone, checkpoint=context.checkpoint, device=context.device)
+        self.cache = EmbeddingCache(
+            self.backbone, checkpoint=context.checkpoint, device=context.device, encoder_path=context.encoder_path
+        )
         self.timings = {"encode": 0.0, "decode": 0.0}
 
     def parameters(self) -> dict:

@@ -112,6 +112,7 @@ def segment_query(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     device: str = "cpu",
+    encoder_path: str | None = None,
     progress: bool = True,
 ) -> SegmentResult:
     """Train on (or load) a few-shot decoder, segment every slice of ``query``, write the label volume."""
@@ -124,7 +125,8 @@ def segment_query(
     paths.check_writable_file(out, "--out", suffixes=NIFTI_SUFFIXES)
     if save_model is not None:
         paths.check_writable_file(save_model, "--save-model")
-    cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device)  # unknown backbone fails here
+    # An unknown backbone or encoder path fails here.
+    cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device, encoder_path=encoder_path)
     query_volume = load_volume(query, None, "query")
     support_indices: list[int] = []
     if model_file is not None:

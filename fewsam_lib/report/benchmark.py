@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 
 from .. import paths
-from ..bench.runs import IncompleteRun, collect_metrics, run_folders, summarize
+from ..bench.runs import GROUP_COLUMNS, IncompleteRun, collect_metrics, run_folders, summarize
 from ..data.manifest import load_manifest
 from ..data.volumes import grey_slices, load_case, take_slice
 from ..errors import FewsamError
@@ -522,6 +522,21 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
 
 
+def check_one_encoder_path(summary: pd.DataFrame) -> None:
+    """Refuse to report a row whose runs were encoded by different encoder paths: their numbers may
+    differ for a reason no table column shows."""
+    keys = [column for column in GROUP_COLUMNS if column != "encoder_path"]
+    paths_per_row = summary.groupby(keys, dropna=False).encoder_path.unique()
+    mixed = paths_per_row[paths_per_row.map(len) > 1]
+    if len(mixed):
+        (dataset, task, method, variant, backbone, *_), found = next(iter(mixed.items()))
+        raise FewsamError(
+            f"{len(mixed)} report rows mix runs of different encoder paths, e.g. {dataset} {task} {method} "
+            f"{variant} {backbone}: {', '.join(sorted(found))}; report one profile whose runs share a path "
+            "(profile key encoder_path), or remove the other runs"
+        )
+
+
 def write_report(
     results_dir: str | Path | None = None, profile: str | None = "cpu", readme: str | Path | None = None
 ) -> dict[str, Path]:
@@ -534,6 +549,7 @@ def write_report(
     summary = summarize(results_dir, strict=True)
     if profile is not None:
         summary = summary[summary.profile == profile]
+    check_one_encoder_path(summary)
     metrics = collect_metrics(results_dir, strict=True)
     tables, figures = results_dir / "tables", results_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)

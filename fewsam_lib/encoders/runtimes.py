@@ -1,0 +1,141 @@
+"""Encoder paths: how an image encoder's forward pass runs (runtime and precision).
+
+A path is one registered :class:`EncoderPath`; the embedding cache keys its entries by the path's
+name, so embeddings of different paths never mix, and every run records the path that made its
+embeddings. ``fewsam bench`` measures the candidates; the default on CPU is the fastest one whose
+embeddings stay within :data:`TOLERANCE` of fp32 eager torch (``docs/performance.md``).
+
+>>> encode = get_encoder_path("openvino-fp32").build(loaded_backbone, cache_root)
+>>> encode(batch)    # (N, 3, S, S) float32 -> (N, 256, 64, 64) float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import FewsamError, lookup
+from .backbones import LoadedBackbone
+
+Encode = Callable[[torch.Tensor], torch.Tensor]
+
+# The path of every run before paths existed; its cache keys and run names carry no path name, so
+# those entries and run folders stay valid.
+TORCH_FP32_EAGER = "torch-fp32-eager"
+# Largest |difference| to fp32 eager torch a default path may have on a real slice's embedding; the
+# cache stores float16, whose rounding alone is ~5e-4 at the embeddings' magnitude.
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class EncoderPath:
+    name: str
+    description: str
+    build: Callable[[LoadedBackbone, Path], Encode]  # (backbone, folder for converted models) -> encode
+    devices: tuple[str, ...] = ("cpu",)  # torch device types it runs on
+
+
+def _torch_eager(backbone: LoadedBackbone, workdir: Path) -> Encode:
+    def encode(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return backbone.model.image_encoder(batch.to(backbone.device))
+
+    return encode
+
+
+def openvino_folder(backbone: LoadedBackbone, workdir: Path) -> Path:
+    """Where the converted model of ``backbone`` lives, keyed by what makes it."""
+    import openvino
+
+    version = openvino.__version__.split("-")[0]
+    name = f"{backbone.spec.name}-{backbone.checkpoint_sha256[:16]}-{backbone.spec.input_size}px-openvino{version}"
+    return workdir / name
+
+
+def _openvino_fp32(backbone: LoadedBackbone, workdir: Path) -> Encode:
+    try:
+        import openvino
+    except ImportError:
+        raise FewsamError(
+            "encoder path openvino-fp32 needs the openvino package (in requirements.txt; `make setup`), "
+            f"or choose encoder_path: {TORCH_FP32_EAGER}"
+        ) from None
+    folder = openvino_folder(backbone, workdir)
+    if not (folder / "encoder.xml").exists():
+        _convert(backbone, folder)
+    core = openvino.Core()
+    compiled = core.compile_model(
+        core.read_model(folder / "encoder.xml"),
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()},
+    )
+
+    def encode(batch: torch.Tensor) -> torch.Tensor:
+        # The converted model has the batch size 1 it was traced with; one slice is fastest on CPU anyway.
+        return torch.cat([torch.from_numpy(compiled(item[None].numpy())[0].copy()) for item in batch.cpu()])
+
+    return encode
+
+
+def _convert(backbone: LoadedBackbone, folder: Path) -> None:
+    """Trace the encoder into OpenVINO IR (~16 s) once; written aside and renamed into place whole."""
+    import openvino
+
+    size = backbone.spec.input_size
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # tracing warnings about TinyViT's python control flow
+            model = openvino.convert_model(
+                backbone.model.image_encoder.cpu(), example_input=torch.zeros(1, 3, size, size)
+            )
+        # fp16 weight compression is OpenVINO's default; fp32 keeps the embeddings within TOLERANCE.
+        openvino.save_model(model, partial / "encoder.xml", compress_to_fp16=False)
+        try:
+            partial.rename(folder)
+        except OSError:  # another process converted it first: theirs is as good
+            if not (folder / "encoder.xml").exists():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+ENCODER_PATHS: dict[str, EncoderPath] = {
+    path.name: path
+    for path in (
+        EncoderPath(TORCH_FP32_EAGER, "torch, eager, fp32 (the reference)", _torch_eager, ("cpu", "cuda", "mps")),
+        EncoderPath(
+            "openvino-fp32", "OpenVINO CPU runtime, fp32, model converted once and kept in the cache", _openvino_fp32
+        ),
+    )
+}
+
+
+def get_encoder_path(name: str) -> EncoderPath:
+    return lookup(ENCODER_PATHS, name, "encoder path", FewsamError)
+
+
+def default_encoder_path(device: str | torch.device = "cpu") -> str:
+    """The fastest path within TOLERANCE on this device (measured by ``fewsam bench``)."""
+    return "openvino-fp32" if torch.device(device).type == "cpu" else TORCH_FP32_EAGER
+
+
+def check_encoder_path(name: str, device: str | torch.device) -> EncoderPath:
+    """``name``'s path, refused with one clear line when it cannot run on ``device``."""
+    path = get_encoder_path(name)
+    kind = torch.device(device).type
+    if kind not in path.devices:
+        raise FewsamError(
+            f"encoder path {name} runs on {', '.join(path.devices)}, not {kind}; "
+            f"use {default_encoder_path(device)} on {kind}"
+        )
+    return path

@@ -21,13 +21,14 @@ PROFILE ?= cpu
 # Original SAM checkpoints to download from Meta's official URLs, e.g. `make weights SAM="vit_b vit_h"`.
 SAM ?=
 
-.PHONY: help setup weights data test lint format bench validate reproduce reproduce-list summarize clean
+.PHONY: help setup weights data test lint format bench bench-accuracy validate reproduce reproduce-list summarize clean
 
 help:
 	@echo "make setup     virtual environment in $(VENV) with pinned dependencies, plus verified weights"
 	@echo "make test      the test suite (real data from FEWSAM_DATA=$(FEWSAM_DATA))"
 	@echo "make lint      ruff: lint and format check (make format rewrites the files)"
 	@echo "make bench     the hot steps' candidates timed side by side -> results/benchmarks/<host-kind>.{csv,md}"
+	@echo "make bench-accuracy          the smoke SAM runs once per encoder path, mean IoUs compared"
 	@echo "make weights   fetch and verify MobileSAM + LiteMedSAM (add SAM=\"vit_b\" to download SAM ViT-B)"
 	@echo "make data      check the datasets under FEWSAM_DATA (download MSD Task04 if it is missing) and"
 	@echo "               convert OpenKBP to NIfTI under FEWSAM_CONVERTED=$(FEWSAM_CONVERTED)"
@@ -77,6 +78,9 @@ $(BENCH_STAMP): requirements-bench.txt | $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(FEWSAM) bench
+
+bench-accuracy: $(STAMP) $(OPENKBP)
+	$(FEWSAM) bench --accuracy work/bench-accuracy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -143,8 +143,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.speed import run_benchmarks
+    from .bench.speed import encoder_accuracy, run_benchmarks
 
+    if args.accuracy is not None:
+        written = encoder_accuracy(args.accuracy, output=args.output, progress=not args.quiet)
+        print(written.read_text())
+        print(f"written: {written} and {written.with_suffix('.csv')}")
+        return 0
     _, written = run_benchmarks(args.backbones, repeats=args.repeats, output=args.output, progress=not args.quiet)
     print(written.read_text())
     print(f"written: {written} and {written.with_suffix('.csv')}")
@@ -472,6 +477,13 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--backbones", nargs="+", default=["mobile_sam", "lite_medsam"])
     parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds after a warm-up")
     parser.add_argument("--output", default=None, help="folder (default: results/benchmarks)")
+    parser.add_argument(
+        "--accuracy",
+        metavar="SCRATCH",
+        default=None,
+        help="instead: the smoke profile's SAM runs once per encoder path, run in folder SCRATCH, and their "
+        "mean IoUs compared (about 10 minutes on 2 cores)",
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(handler=_bench)
 

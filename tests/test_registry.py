@@ -4,6 +4,7 @@ module naming it; run folders say every setting; typed profiles refuse unknown k
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,10 +229,12 @@ def test_run_json_of_a_new_run_holds_no_absolute_path(empty_method, tmp_path):
     assert json.loads(text)["data"]["root"] == "${FEWSAM_DATA}/Task04_Hippocampus"
 
 
-def test_a_run_records_which_encoder_path_made_its_embeddings(prompting_smoke_run):
+def test_a_run_records_which_encoder_path_made_its_embeddings(prompting_smoke_run, tmp_path):
     meta = json.loads((prompting_smoke_run / "run.json").read_text())
     assert meta["encoder_path"] == "openvino-fp32" and meta["backbone_checkpoint"]["name"] == "mobile_sam"
-    summary = summarize(results_dir_of(prompting_smoke_run))
+    copied = tmp_path / prompting_smoke_run.relative_to(results_dir_of(prompting_smoke_run))
+    shutil.copytree(prompting_smoke_run, copied)  # alone: other tests leave incomplete runs beside it
+    summary = summarize(results_dir_of(copied), strict=True)
     assert set(summary.encoder_path) == {"openvino-fp32"}
 
 

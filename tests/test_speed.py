@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fewsam_lib.bench.speed import host_kind, interleaved, native_bf16, rows_of
+from fewsam_lib.bench.speed import host_kind, interleaved, native_bf16, openvino_decoder, rows_of
 from fewsam_lib.methods.fewshot import decode
 from fewsam_lib.methods.sam_decoding import decode_many
 
@@ -42,3 +42,15 @@ def test_one_decoder_call_for_several_slices_gives_each_slice_s_own_logits(mobil
         assert batched.shape == (2, 1, *one.shape[1:])
         torch.testing.assert_close(batched[:, 0], one, atol=1e-3, rtol=1e-4)
     assert not torch.allclose(alone[0], alone[1])  # the slices' own embeddings made the difference
+
+
+def test_the_openvino_decoder_candidate_computes_what_the_torch_decoder_computes(mobile_sam):
+    model = mobile_sam.model
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(256, 64, 64, generator=generator) * 0.1
+    tokens = torch.randn(2, 1, 256, generator=generator)
+    with torch.inference_mode():
+        reference = decode(model.mask_decoder, model, embedding, tokens, (35, 51))
+        converted = decode(openvino_decoder(model, 2), model, embedding, tokens, (35, 51))
+    assert converted.shape == reference.shape == (2, 35, 51)
+    assert float((converted - reference).abs().max()) < 1e-3

@@ -295,16 +295,17 @@ def bench_decoder(backbone: str, tasks: int, slices: int, repeats: int, progress
     shape = (35, 51)
     targets = (torch.rand(slices, tasks, *shape, generator=generator) > 0.8).float()
 
-    def train_step(batched: bool, bf16: bool) -> Candidate:
+    def train_step(batched: bool, bf16: bool, compiled: bool = False) -> Candidate:
         decoder = copy.deepcopy(model.mask_decoder).train().requires_grad_(True)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=0.0)  # lr 0: every step sees the same weights
+        forward = torch.compile(decoder) if compiled else decoder
 
         def run() -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 if batched:
-                    logits, _ = decode_many(decoder, model, embeddings, tokens.repeat(slices, 1, 1), [shape] * slices)
+                    logits, _ = decode_many(forward, model, embeddings, tokens.repeat(slices, 1, 1), [shape] * slices)
                 else:
-                    logits = [decode(decoder, model, embedding, tokens, shape) for embedding in embeddings]
+                    logits = [decode(forward, model, embedding, tokens, shape) for embedding in embeddings]
                 loss = sum(segmentation_loss(x.reshape(tasks, *shape).float(), t) for x, t in zip(logits, targets))
             optimizer.zero_grad(set_to_none=True)
             (loss / slices).backward()
@@ -313,8 +314,8 @@ def bench_decoder(backbone: str, tasks: int, slices: int, repeats: int, progress
 
         return run
 
-    def inference(batched: bool, bf16: bool) -> Candidate:
-        decoder = model.mask_decoder
+    def inference(batched: bool, bf16: bool, compiled: bool = False) -> Candidate:
+        decoder = openvino_decoder(model, tasks) if compiled else model.mask_decoder
 
         def run() -> torch.Tensor:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -330,18 +331,66 @@ def bench_decoder(backbone: str, tasks: int, slices: int, repeats: int, progress
         (f"decoder train step ({slices} slices, {tasks} tasks)", train_step, 1),
         (f"decoder inference per slice ({tasks} tasks)", inference, slices),
     ):
+        notes: dict[str, str] = {}
         candidates = {
             "one call per slice, fp32": make(False, False),
             "one call per step, fp32": make(True, False),
             "one call per step, fp32, 1 thread": single_thread(make(True, False)),
         }
+        compiled = "torch.compile" if make is train_step else "OpenVINO"
+        name = f"one call per slice, fp32, {compiled}"
+        try:  # compiled once here, outside the timed rounds
+            started = time.perf_counter()
+            candidates[name] = warmed(make(False, False, compiled=True))
+            notes[name] = f"first call (compiling) {time.perf_counter() - started:.0f} s, again per new shape"
+        except Exception as error:  # a runtime missing or failing on this graph
+            notes[name] = f"skipped: {type(error).__name__}: {str(error)[:160]}"
         if native_bf16():
             candidates["one call per slice, bf16"] = make(False, True)
             candidates["one call per step, bf16"] = make(True, True)
         times = interleaved(candidates, repeats, progress)
         outputs = {name: run() for name, run in candidates.items()}
-        rows += rows_of(step, backbone, times, outputs, per_item=per_item)
+        rows += rows_of(step, backbone, times, outputs, per_item=per_item, notes=notes)
+        rows += [
+            Row(step, name, backbone, np.nan, np.nan, None, None, note)
+            for name, note in notes.items()
+            if name not in candidates
+        ]
     return rows
+
+
+def warmed(run: Candidate) -> Candidate:
+    """``run`` after one call (a compiling candidate compiles in it)."""
+    run()
+    return run
+
+
+def openvino_decoder(model: torch.nn.Module, tasks: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """SAM's mask decoder converted to OpenVINO fp32 for ``tasks`` prompt sets, called like the decoder."""
+    import openvino
+
+    from ..methods.sam_decoding import no_mask_prompt
+
+    decoder, image_pe = model.mask_decoder, model.prompt_encoder.get_dense_pe()
+
+    class Single(torch.nn.Module):
+        def forward(self, embedding, sparse, dense):
+            return decoder(embedding, image_pe, sparse, dense, False)
+
+    example = (torch.zeros(1, 256, 64, 64), torch.zeros(tasks, 1, 256), no_mask_prompt(model, tasks))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        converted = openvino.convert_model(Single().eval(), example_input=example)
+    compiled = openvino.Core().compile_model(
+        converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    )
+
+    def call(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output):
+        inputs = (image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
+        outputs = compiled(tuple(tensor.numpy() for tensor in inputs))
+        return torch.from_numpy(outputs[0].copy()), torch.from_numpy(outputs[1].copy())
+
+    return call
 
 
 def single_thread(run: Candidate) -> Candidate:

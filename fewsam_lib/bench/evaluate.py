@@ -43,6 +43,8 @@ def run_spec(
     method = get_method(run.method)
     manifest = manifest or load_manifest(manifest_path(run.manifest))
     profile = profile or load_profile(run.profile, manifest.path)
+    if manifest.evaluated_split == "test":
+        manifest = profile.view(manifest)
     variant = method.resolve_variant(run.variant, profile.section(method.name))
     backbone = run.backbone if method.uses_backbone else "none"
     return RunSpec(
@@ -74,6 +76,7 @@ def evaluate(
     method.check_request(run)
     manifest = load_manifest(manifest_path(run.manifest))
     profile = load_profile(run.profile, manifest.path)
+    manifest = profile.view(manifest)  # a validation profile scores validation cases, trains on the rest
     if method.uses_backbone:
         from ..encoders.backbones import get_spec
 

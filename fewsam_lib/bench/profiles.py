@@ -21,7 +21,18 @@ from ..methods.base import PlannedRun, get_method, registered_methods
 from ..sections import check_keys, parse_section
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
-TOP_LEVEL_KEYS = ("name", "description", "test_cases", "test_slices", "encoder_path", "datasets", "overrides")
+TOP_LEVEL_KEYS = (
+    "name",
+    "description",
+    "test_cases",
+    "test_slices",
+    "encoder_path",
+    "evaluate_on",
+    "validation",
+    "datasets",
+    "overrides",
+)
+EVALUATED_SPLITS = ("test", "validation")
 
 __all__ = ["PROFILE_DIR", "PlannedRun", "Profile", "available_profiles", "load_profile"]
 
@@ -36,6 +47,15 @@ class Profile:
     path: Path | None = None
     sections: dict[str, Any] = field(default_factory=dict)  # method name -> typed section (present ones)
     encoder_path: str | None = None  # how SAM encoders run (encoders/runtimes.py); None = the device's default
+    evaluate_on: str = "test"  # or "validation": runs score validation cases carved from the training cases
+    validation_fraction: float = 0.2
+    validation_seed: int = 0
+
+    def view(self, manifest: Manifest) -> Manifest:
+        """The dataset as this profile's runs see it: as it is, or its validation view."""
+        if self.evaluate_on == "validation":
+            return manifest.validation_view(self.validation_fraction, self.validation_seed)
+        return manifest
 
     def encoder_path_on(self, device: str) -> str:
         """The encoder path runs of this profile use on ``device``."""
@@ -152,6 +172,19 @@ def _profile_from(raw: Any, path: Path | None = None, prefix: str = "") -> Profi
             raise FewsamError(
                 f"{where}: {prefix}unknown encoder_path '{raw['encoder_path']}' (known: {', '.join(ENCODER_PATHS)})"
             )
+    evaluate_on = raw.get("evaluate_on") or "test"
+    if evaluate_on not in EVALUATED_SPLITS:
+        raise FewsamError(
+            f"{where}: {prefix}'evaluate_on' must be one of {', '.join(EVALUATED_SPLITS)}, got {evaluate_on!r}"
+        )
+    validation = check_keys(raw.get("validation") or {}, ("fraction", "seed"), f"{where}: {prefix}validation")
+    fraction, seed = validation.get("fraction", 0.2), validation.get("seed", 0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise FewsamError(
+            f"{where}: {prefix}validation: 'fraction' must lie strictly between 0 and 1, got {fraction!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FewsamError(f"{where}: {prefix}validation: 'seed' must be int, got {seed!r}")
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise FewsamError(f"{where}: 'overrides' must map manifest names to keys, got {overrides!r}")
@@ -164,6 +197,9 @@ def _profile_from(raw: Any, path: Path | None = None, prefix: str = "") -> Profi
         path,
         sections,
         raw.get("encoder_path"),
+        evaluate_on,
+        float(fraction),
+        seed,
     )
 
 

@@ -310,7 +310,10 @@ def bench_decoder(backbone: str, tasks: int, slices: int, repeats: int, progress
             optimizer.zero_grad(set_to_none=True)
             (loss / slices).backward()
             optimizer.step()
-            return torch.cat([p.grad.flatten() for p in decoder.parameters() if p.grad is not None])
+            # A parameter the loss does not reach has no gradient in eager mode and a zero one compiled.
+            return torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in decoder.parameters()]
+            )
 
         return run
 

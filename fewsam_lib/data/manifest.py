@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +82,9 @@ class Manifest:
     # ``fewsam validate`` then fails a case without one of its annotated tasks (else it warns).
     every_case_shows_every_task: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # "test", or "validation" for a view whose test split is validation cases carved from the
+    # training cases (see :meth:`validation_view`); what a run records as the split it scored.
+    evaluated_split: str = "test"
 
     @property
     def task_names(self) -> list[str]:
@@ -112,6 +115,20 @@ class Manifest:
         except KeyError:
             raise ManifestError(f"{self.path}: no case '{case_id}' in dataset '{self.dataset}'") from None
 
+    def validation_view(self, fraction: float, seed: int) -> Manifest:
+        """The dataset as a validation run sees it: ``fraction`` of the training cases, drawn with
+        ``seed``, become its test split and the rest its training split; the real test cases are in
+        neither. Design choices are made on such views; only test-split runs report."""
+        if self.evaluated_split != "test":
+            raise ManifestError(f"{self.path}: already a validation view")
+        if len(self.split["train"]) < 2:
+            raise ManifestError(
+                f"{self.path}: {len(self.split['train'])} training case(s), too few to carve validation"
+            )
+        carved = draw_split(list(self.split["train"]), fraction, seed)
+        split = {"train": tuple(carved["train"]), "test": tuple(carved["test"])}
+        return replace(self, split=split, evaluated_split="validation", extra={**self.extra, "validation_seed": seed})
+
     def summary(self) -> dict[str, Any]:
         """What a run records about the data that made it."""
         return {
@@ -126,6 +143,7 @@ class Manifest:
             "split_seed": self.split_seed,
             "n_train": len(self.split["train"]),
             "n_test": len(self.split["test"]),
+            "evaluated_split": self.evaluated_split,
         }
 
 

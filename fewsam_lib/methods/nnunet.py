@@ -84,7 +84,9 @@ def matched_budget(manifest: Manifest, slices: int, seed: int, table: pd.DataFra
 
 def dataset_suffix(manifest: Manifest, budget: Budget) -> str:
     """``msd_hippocampus`` + budget ``slices38seed0`` -> ``MsdHippocampusSlices38seed0``."""
-    return "".join(part.capitalize() for part in manifest.dataset.split("_")) + budget.name.capitalize()
+    # A validation view trains on other cases than the test runs: its exports must not share a folder.
+    split = "Validation" if manifest.evaluated_split == "validation" else ""
+    return "".join(part.capitalize() for part in manifest.dataset.split("_")) + split + budget.name.capitalize()
 
 
 def dataset_folder_name(dataset_id: int, manifest: Manifest, budget: Budget) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,25 @@ def test_the_converted_encoder_is_made_once_and_reused(mobile_sam, monkeypatch):
 
     monkeypatch.setattr(runtimes, "_convert", convert_again)
     get_encoder_path("openvino-fp32").build(mobile_sam, paths.converted_encoders_root())
+
+
+def test_a_damaged_converted_encoder_is_converted_again(mobile_sam, hippocampus_slices, tmp_path, monkeypatch, caplog):
+    good = openvino_folder(mobile_sam, paths.converted_encoders_root())
+    get_encoder_path("openvino-fp32").build(mobile_sam, paths.converted_encoders_root())  # converts if missing
+    damaged = openvino_folder(mobile_sam, tmp_path)
+    shutil.copytree(good, damaged)
+    (damaged / "encoder.bin").write_bytes((damaged / "encoder.bin").read_bytes()[:1000])  # truncated
+    converted = []
+
+    def convert(backbone, folder):  # a copy of the good conversion stands in for tracing again (~16 s)
+        converted.append(folder)
+        shutil.copytree(good, folder)
+
+    monkeypatch.setattr(runtimes, "_convert", convert)
+    batch = mobile_sam.prepare(hippocampus_slices[0])[None]
+    embedding = get_encoder_path("openvino-fp32").build(mobile_sam, tmp_path)(batch)
+    assert converted == [damaged] and "cannot be read" in caplog.text and str(damaged) in caplog.text
+    assert embedding.shape == (1, 256, 64, 64)
 
 
 def test_key_covers_the_encoder_path_and_keeps_the_keys_made_before_paths(tmp_path, hippocampus_slices):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import warnings
@@ -26,6 +27,7 @@ from ..errors import FewsamError, lookup
 from .backbones import LoadedBackbone
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
 
 # The path of every run before paths existed; its cache keys and run names carry no path name, so
 # those entries and run folders stay valid.
@@ -72,11 +74,14 @@ def _openvino_fp32(backbone: LoadedBackbone, workdir: Path) -> Encode:
     if not (folder / "encoder.xml").exists():
         _convert(backbone, folder)
     core = openvino.Core()
-    compiled = core.compile_model(
-        core.read_model(folder / "encoder.xml"),
-        "CPU",
-        {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()},
-    )
+    settings = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    try:
+        compiled = core.compile_model(core.read_model(folder / "encoder.xml"), "CPU", settings)
+    except RuntimeError as error:  # damaged on disk after it was written: convert again, like a cache entry
+        log.warning("converted encoder %s cannot be read (%s); converting it again", folder, str(error)[:200])
+        shutil.rmtree(folder, ignore_errors=True)
+        _convert(backbone, folder)
+        compiled = core.compile_model(core.read_model(folder / "encoder.xml"), "CPU", settings)
 
     def encode(batch: torch.Tensor) -> torch.Tensor:
         # The converted model has the batch size 1 it was traced with; one slice is fastest on CPU anyway.

@@ -32,6 +32,7 @@ import pandas as pd
 
 from .. import __version__, paths
 from ..bench.metrics import score
+from ..encoders.runtimes import TORCH_FP32_EAGER
 from ..errors import FewsamError
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ GROUP_COLUMNS = [
     "slice_selection",
 ]
 # The encoder path of runs made before run.json recorded one (the only path there was).
-RECORDED_BEFORE_PATHS = "torch-fp32-eager"
+RECORDED_BEFORE_PATHS = TORCH_FP32_EAGER
 LIBRARIES = [
     "torch",
     "segment-anything",

@@ -211,14 +211,9 @@ def _compiled(encoder: torch.nn.Module, batch: torch.Tensor) -> Candidate:
 
 
 def _openvino(encoder: torch.nn.Module, batch: torch.Tensor, precision: str) -> Candidate:
-    import openvino
+    from ..encoders.runtimes import openvino_compile, openvino_convert
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        converted = openvino.convert_model(encoder, example_input=batch)
-    compiled = openvino.Core().compile_model(
-        converted, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    )
+    compiled = openvino_compile(openvino_convert(encoder, batch), precision)
     array = batch.numpy()
 
     def run() -> torch.Tensor:
@@ -370,8 +365,7 @@ def warmed(run: Candidate) -> Candidate:
 
 def openvino_decoder(model: torch.nn.Module, tasks: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """SAM's mask decoder converted to OpenVINO fp32 for ``tasks`` prompt sets, called like the decoder."""
-    import openvino
-
+    from ..encoders.runtimes import openvino_compile, openvino_convert
     from ..methods.sam_decoding import no_mask_prompt
 
     decoder, image_pe = model.mask_decoder, model.prompt_encoder.get_dense_pe()
@@ -381,12 +375,7 @@ def openvino_decoder(model: torch.nn.Module, tasks: int) -> Callable[..., tuple[
             return decoder(embedding, image_pe, sparse, dense, False)
 
     example = (torch.zeros(1, 256, 64, 64), torch.zeros(tasks, 1, 256), no_mask_prompt(model, tasks))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        converted = openvino.convert_model(Single().eval(), example_input=example)
-    compiled = openvino.Core().compile_model(
-        converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    )
+    compiled = openvino_compile(openvino_convert(Single().eval(), example))
 
     def call(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output):
         inputs = (image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)

@@ -19,12 +19,14 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..errors import FewsamError, lookup
-from .backbones import LoadedBackbone
+
+if TYPE_CHECKING:
+    from .backbones import LoadedBackbone
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def openvino_folder(backbone: LoadedBackbone, workdir: Path) -> Path:
 
 def _openvino_fp32(backbone: LoadedBackbone, workdir: Path) -> Encode:
     try:
-        import openvino
+        import openvino  # noqa: F401  (only: is it installed?)
     except ImportError:
         raise FewsamError(
             "encoder path openvino-fp32 needs the openvino package (in requirements.txt; `make setup`), "
@@ -73,15 +75,13 @@ def _openvino_fp32(backbone: LoadedBackbone, workdir: Path) -> Encode:
     folder = openvino_folder(backbone, workdir)
     if not (folder / "encoder.xml").exists():
         _convert(backbone, folder)
-    core = openvino.Core()
-    settings = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     try:
-        compiled = core.compile_model(core.read_model(folder / "encoder.xml"), "CPU", settings)
+        compiled = openvino_compile(folder / "encoder.xml")
     except RuntimeError as error:  # damaged on disk after it was written: convert again, like a cache entry
         log.warning("converted encoder %s cannot be read (%s); converting it again", folder, str(error)[:200])
         shutil.rmtree(folder, ignore_errors=True)
         _convert(backbone, folder)
-        compiled = core.compile_model(core.read_model(folder / "encoder.xml"), "CPU", settings)
+        compiled = openvino_compile(folder / "encoder.xml")
 
     def encode(batch: torch.Tensor) -> torch.Tensor:
         # The converted model has the batch size 1 it was traced with; one slice is fastest on CPU anyway.
@@ -98,11 +98,7 @@ def _convert(backbone: LoadedBackbone, folder: Path) -> None:
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")  # tracing warnings about TinyViT's python control flow
-            model = openvino.convert_model(
-                backbone.model.image_encoder.cpu(), example_input=torch.zeros(1, 3, size, size)
-            )
+        model = openvino_convert(backbone.model.image_encoder.cpu(), torch.zeros(1, 3, size, size))
         # fp16 weight compression is OpenVINO's default; fp32 keeps the embeddings within TOLERANCE.
         openvino.save_model(model, partial / "encoder.xml", compress_to_fp16=False)
         try:
@@ -112,6 +108,23 @@ def _convert(backbone: LoadedBackbone, folder: Path) -> None:
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def openvino_convert(module: torch.nn.Module, example: Any) -> Any:
+    """``module`` traced into an OpenVINO model, without the tracer's warnings and printout."""
+    import openvino
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # e.g. TinyViT's python control flow
+        return openvino.convert_model(module, example_input=example)
+
+
+def openvino_compile(model: Any, precision: str = "f32") -> Any:
+    """An OpenVINO model (or IR file) compiled for this CPU on torch's thread count."""
+    import openvino
+
+    settings = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    return openvino.Core().compile_model(model, "CPU", settings)
 
 
 ENCODER_PATHS: dict[str, EncoderPath] = {

@@ -17,6 +17,9 @@ Token designs (variants, see :data:`TOKEN_DESIGNS`):
   same way with SAM's negative-point type embedding), as a negative click would be.
 
 No positional encoding is added: a token describes what the anatomy looks like, not where it is.
+Variants with a ``locator`` (``located``, ``located_box``) also learn where it is: a light head on
+the cached embeddings (:mod:`.location`) that finds each task on a slice, or finds it absent.
+Their ``segmenter`` says what then draws the mask (:data:`SEGMENTERS`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError, lookup
 from ..sections import parse_section, positive_int
 from .base import CasePrediction, Method, MethodRun, RunContext, register_method, settings_hash
+from .location import (
+    LocationMap,
+    LocationSettings,
+    fit_location_map,
+    located_regions,
+    most_confident_component,
+)
+from .prompting import bounding_box, box_prompt_tokens, jitter_box
 from .sam_decoding import EMBEDDING_GRID, decode_masks, no_mask_prompt, resolve_overlaps
 
 MODEL_FORMAT = "fewsam-fewshot-decoder-v2"
@@ -151,6 +162,22 @@ def decode(
     return logits[:, 0]
 
 
+def decode_with_boxes(
+    decoder: MaskDecoder,
+    model: Sam,
+    embedding: torch.Tensor,
+    token_batch: torch.Tensor,
+    boxes: np.ndarray,
+    slice_shape: tuple[int, int],
+) -> torch.Tensor:
+    """Logits (T, H, W) for T token sets (T, k, 256), each with its (T, 4) pixel-edge box's corner tokens."""
+    with torch.no_grad():  # SAM's prompt encoder stays frozen
+        corners, dense = box_prompt_tokens(model, boxes, slice_shape)
+    sparse = torch.cat([token_batch.to(model.device), corners], dim=1)
+    logits, _ = decode_masks(decoder, model, embedding.to(model.device), sparse, dense, slice_shape)
+    return logits[:, 0]
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy + soft Dice per mask (smoothing 1, so an empty target asks for an empty mask)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -163,6 +190,12 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"bce_dice": segmentation_loss}
 # What the encoder sees of a slice; a crop around the anatomy would be a view with its inverse.
 VIEWS = {"full_slice": "the whole slice, resized and padded by SAM's own preprocessing"}
+SEGMENTERS = {
+    "decoder": "SAM's mask decoder, fine-tuned, prompted by the few-shot token(s) alone",
+    "location_map": "the location head's own map: each pixel takes its most probable class",
+    "decoder_box": "SAM's mask decoder, fine-tuned, prompted by the few-shot token(s) and the box of the "
+    "location head's most confident component; a task the head finds absent is absent",
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +229,8 @@ class FewShotVariant:
     schedule: TrainingSettings = field(default_factory=TrainingSettings)
     view: str = "full_slice"
     description: str = ""
+    locator: LocationSettings | None = None
+    segmenter: str = "decoder"
 
     @property
     def name(self) -> str:
@@ -207,13 +242,20 @@ class FewShotVariant:
     def definition(self) -> dict[str, Any]:
         """Every setting that changes a prediction (the description does not)."""
         tokens = {key: value for key, value in asdict(self.tokens).items() if key != "description"}
-        return {
+        definition = {
             "base": self.base,
             "tokens": tokens,
             "loss": self.loss,
             "schedule": asdict(self.schedule),
             "view": self.view,
         }
+        if self.locator is not None:  # absent for the variants before it, so their names stay
+            definition.update(locator=asdict(self.locator), segmenter=self.segmenter)
+        return definition
+
+    @property
+    def trains_decoder(self) -> bool:
+        return self.segmenter != "location_map"
 
     def with_schedule(self, **overrides: Any) -> FewShotVariant:
         try:
@@ -228,14 +270,37 @@ FEWSHOT_VARIANTS: dict[str, FewShotVariant] = {}
 
 
 def register_fewshot_variant(variant: FewShotVariant) -> FewShotVariant:
-    if variant.loss not in LOSSES or variant.view not in VIEWS:
-        raise ValueError(f"few-shot variant {variant.base}: unknown loss '{variant.loss}' or view '{variant.view}'")
+    if variant.loss not in LOSSES or variant.view not in VIEWS or variant.segmenter not in SEGMENTERS:
+        raise ValueError(
+            f"few-shot variant {variant.base}: unknown loss '{variant.loss}', view '{variant.view}' "
+            f"or segmenter '{variant.segmenter}'"
+        )
+    if variant.segmenter != "decoder" and variant.locator is None:
+        raise ValueError(f"few-shot variant {variant.base}: segmenter '{variant.segmenter}' needs a locator")
     FEWSHOT_VARIANTS[variant.base] = variant
     return variant
 
 
 for _design in TOKEN_DESIGNS.values():
     register_fewshot_variant(FewShotVariant(_design.name, _design, description=_design.description))
+register_fewshot_variant(
+    FewShotVariant(
+        "located",
+        TOKEN_DESIGNS["centred"],
+        locator=LocationSettings(),
+        segmenter="location_map",
+        description="a class-balanced location head on the cached embeddings segments each task",
+    )
+)
+register_fewshot_variant(
+    FewShotVariant(
+        "located_box",
+        TOKEN_DESIGNS["centred"],
+        locator=LocationSettings(),
+        segmenter="decoder_box",
+        description="the location head's box and the centred token prompt a decoder fine-tuned on boxes",
+    )
+)
 
 
 def get_fewshot_variant(name: str) -> FewShotVariant:
@@ -261,6 +326,8 @@ def variant_from_definition(definition: dict[str, Any], where: str) -> FewShotVa
         schedule=known(registered.schedule, definition.get("schedule")),
         loss=definition.get("loss", registered.loss),
         view=definition.get("view", registered.view),
+        locator=known(registered.locator, definition.get("locator")) if registered.locator else None,
+        segmenter=definition.get("segmenter", registered.segmenter),
     )
 
 
@@ -276,25 +343,38 @@ class FewShotModel:
     # How grey slices were made from the volumes ({"slice_axis": int, "intensity": {...}}): a
     # query must be cut and normalised the same way.
     preprocessing: dict[str, Any]
+    locator: LocationMap | None = None  # variants with a locator
 
     def token_batch(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(T, k, 256): one token set per task, in label order."""
         return torch.stack([self.tokens[name] for name in self.tasks.values()]).to(device)
 
     def segment(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
-        """Label slices (N, H, W) for N embeddings: per pixel the task with the highest positive logit."""
-        tokens = self.token_batch(model.device)
-        values = list(self.tasks)
+        """Label slices (N, H, W) for N embeddings: per pixel the task with the highest positive logit
+        (the location head's most probable class for ``location_map``)."""
         with torch.inference_mode():
-            return np.stack(
-                [
-                    resolve_overlaps(
-                        decode(self.decoder, model, embedding.to(model.device), tokens, slice_shape).cpu().numpy(),
-                        values,
-                    )
-                    for embedding in embeddings
-                ]
+            return np.stack([self.segment_slice(model, embedding, slice_shape) for embedding in embeddings])
+
+    def segment_slice(self, model: Sam, embedding: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        values = list(self.tasks)
+        segmenter = self.variant.segmenter
+        if segmenter == "decoder":
+            tokens = self.token_batch(model.device)
+            logits = decode(self.decoder, model, embedding.to(model.device), tokens, slice_shape)
+            return resolve_overlaps(logits.cpu().numpy(), values)
+        probabilities = self.locator.pixel_probabilities(embedding, slice_shape)
+        if segmenter == "location_map":
+            return np.asarray([0, *values], dtype=np.uint8)[probabilities.argmax(0)]
+        regions = located_regions(probabilities)
+        logits = np.full((len(values), *slice_shape), -np.inf, dtype=np.float32)
+        present = [index for index, region in enumerate(regions) if region.any()]
+        if present:
+            boxes = np.stack(
+                [bounding_box(most_confident_component(regions[i], probabilities[i + 1])) for i in present]
             )
+            tokens = self.token_batch(model.device)[present]
+            logits[present] = decode_with_boxes(self.decoder, model, embedding, tokens, boxes, slice_shape).cpu()
+        return resolve_overlaps(logits, values)
 
     def segment_volume(
         self,
@@ -326,6 +406,7 @@ class FewShotModel:
                 "preprocessing": self.preprocessing,
                 "tokens": {name: t.cpu() for name, t in self.tokens.items()},
                 "decoder": {k: v.cpu() for k, v in self.decoder.state_dict().items()},
+                "locator": self.locator.state() if self.locator is not None else None,
             },
             partial,
         )
@@ -352,13 +433,18 @@ class FewShotModel:
             variant = variant_from_definition(saved.get("variant_definition"), str(path))
         else:
             variant = variant_from_definition({"base": (saved.get("design") or {}).get("name")}, str(path))
+        tasks = {int(k): v for k, v in saved["tasks"].items()}
+        locator = saved.get("locator")
+        if variant.locator is not None and locator is None:
+            raise FewsamError(f"{path}: variant '{variant.name}' needs a location head, and the file has none")
         return cls(
             backbone,
             variant,
-            {int(k): v for k, v in saved["tasks"].items()},
+            tasks,
             saved["tokens"],
             decoder.eval().requires_grad_(False),
             saved["preprocessing"],
+            LocationMap.from_state(locator, len(tasks) + 1) if locator is not None else None,
         )
 
 
@@ -372,33 +458,38 @@ def train_decoder(
     seed: int,
     loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = segmentation_loss,
     progress: bool = True,
+    with_boxes: bool = False,
 ) -> tuple[MaskDecoder, list[float]]:
     """Fine-tune a copy of SAM's mask decoder on the collection; returns it and the loss per step.
 
-    Every support slice trains every task: a task missing from a slice is a negative example.
+    Without boxes every support slice trains every task: a task missing from a slice is a negative
+    example. With boxes (``decoder_box``) a slice trains the tasks it shows, each prompted by its
+    token and its ground-truth box jittered as the ``jitter`` prompt is (up to 10% of each side),
+    since at inference the box comes from the location head, which finds absent tasks itself.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     decoder = copy.deepcopy(model.mask_decoder).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     token_batch = torch.stack([tokens[name] for name in tasks.values()]).to(model.device)
-    targets = [
-        torch.as_tensor(np.stack([label == value for value in tasks]), dtype=torch.float32) for label in label_slices
-    ]
+    targets = [np.stack([label == value for value in tasks]) for label in label_slices]
+
+    def slice_loss(index: int) -> torch.Tensor:
+        embedding, shape = embeddings[index].to(model.device), label_slices[index].shape
+        target = torch.as_tensor(targets[index], dtype=torch.float32, device=model.device)
+        if not with_boxes:
+            return loss_function(decode(decoder, model, embedding, token_batch, shape), target)
+        shown = [task for task in range(len(tasks)) if targets[index][task].any()]
+        boxes = np.stack([jitter_box(bounding_box(targets[index][task]), shape, rng) for task in shown])
+        return loss_function(
+            decode_with_boxes(decoder, model, embedding, token_batch[shown], boxes, shape), target[shown]
+        )
+
     history = []
     per_step = min(settings.slices_per_step, len(embeddings))
     for _ in tqdm(range(settings.steps), desc="train decoder", unit="step", disable=not progress):
         picks = rng.choice(len(embeddings), size=per_step, replace=False)
-        loss = (
-            sum(
-                loss_function(
-                    decode(decoder, model, embeddings[i].to(model.device), token_batch, label_slices[i].shape),
-                    targets[i].to(model.device),
-                )
-                for i in picks
-            )
-            / per_step
-        )
+        loss = sum(slice_loss(i) for i in picks) / per_step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -416,13 +507,39 @@ def fit_fewshot(
     seed: int,
     preprocessing: dict[str, Any],
     progress: bool = True,
-) -> tuple[FewShotModel, list[float]]:
-    """Tokens from the collection, then the decoder trained with them; returns the model and loss curve."""
+) -> tuple[FewShotModel, pd.DataFrame]:
+    """Tokens from the collection, then the location head and/or the decoder trained on it; returns
+    the model and the training curve (``stage``, ``step``, ``loss``; stage ``location`` or ``decoder``)."""
     tokens = few_shot_tokens(model, embeddings, label_slices, tasks, variant.tokens)
-    decoder, history = train_decoder(
-        model, tokens, embeddings, label_slices, tasks, variant.schedule, seed, LOSSES[variant.loss], progress
+    curves = []
+    locator = None
+    if variant.locator is not None:
+        input_size = model.image_encoder.img_size
+        locator, history = fit_location_map(
+            embeddings, label_slices, list(tasks), input_size, variant.locator, seed, progress
+        )
+        curves.append(("location", history))
+    if variant.trains_decoder:
+        decoder, history = train_decoder(
+            model,
+            tokens,
+            embeddings,
+            label_slices,
+            tasks,
+            variant.schedule,
+            seed,
+            LOSSES[variant.loss],
+            progress,
+            with_boxes=variant.segmenter == "decoder_box",
+        )
+        curves.append(("decoder", history))
+    else:
+        decoder = copy.deepcopy(model.mask_decoder).eval().requires_grad_(False)
+    curve = pd.concat(
+        [pd.DataFrame({"stage": stage, "step": range(1, len(h) + 1), "loss": h}) for stage, h in curves],
+        ignore_index=True,
     )
-    return FewShotModel(backbone, variant, dict(tasks), tokens, decoder, preprocessing), history
+    return FewShotModel(backbone, variant, dict(tasks), tokens, decoder, preprocessing, locator), curve
 
 
 def load_support(
@@ -492,7 +609,7 @@ class FewShotRun(MethodRun):
         embeddings, labels = load_support(manifest, self.collection, self.cache, progress)
         started = time.perf_counter()
         preprocessing = {"slice_axis": manifest.slice_axis, "intensity": manifest.intensity.as_dict()}
-        self.model, history = fit_fewshot(
+        self.model, curve = fit_fewshot(
             self.cache.backbone.model,
             self.backbone,
             embeddings,
@@ -505,10 +622,8 @@ class FewShotRun(MethodRun):
         )
         self.timings["train"] = time.perf_counter() - started
         self.model.save(writer.folder / MODEL_FILE)
-        pd.DataFrame({"step": range(1, len(history) + 1), "loss": history}).to_csv(
-            writer.folder / CURVE_FILE, index=False
-        )
-        self.extra.update(final_training_loss=history[-1], support_slices=len(self.collection.slices))
+        curve.to_csv(writer.folder / CURVE_FILE, index=False)
+        self.extra.update(final_training_loss=float(curve.loss.iloc[-1]), support_slices=len(self.collection.slices))
 
     def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
         manifest = self.context.manifest

@@ -119,6 +119,20 @@ def jitter_box(box: np.ndarray, shape: tuple[int, int], rng: np.random.Generator
     return moved
 
 
+def boxes_on_input(boxes: np.ndarray, slice_shape: tuple[int, int], model: Sam) -> torch.Tensor:
+    """(T, 4) pixel-edge boxes on a slice -> SAM's input coordinates (pixel centres), on the model's device."""
+    height, width = slice_shape
+    input_size = resized_shape(height, width, model.image_encoder.img_size)
+    scale = torch.tensor([input_size[1] / width, input_size[0] / height], dtype=torch.float32)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    return (boxes.view(-1, 2, 2) * scale - 0.5).view(-1, 4).to(model.device)
+
+
+def box_prompt_tokens(model: Sam, boxes: np.ndarray, slice_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's prompt tokens for T boxes on a slice: sparse (T, 2, 256) corner tokens, dense (T, 256, 64, 64)."""
+    return model.prompt_encoder(points=None, boxes=boxes_on_input(boxes, slice_shape, model), masks=None)
+
+
 def _pixel_centres(pixels: np.ndarray) -> np.ndarray:
     """(row, col) index pairs -> (x, y) pixel centres."""
     return pixels[:, ::-1].astype(np.float64) + 0.5
@@ -203,8 +217,7 @@ def predict_masks(
         point_input = (coords.to(device), labels.to(device))
     box_input = None
     if prompts[0].box is not None:
-        boxes = torch.as_tensor(np.stack([p.box for p in prompts]), dtype=torch.float32)
-        box_input = (boxes.view(-1, 2, 2) * scale - 0.5).view(-1, 4).to(device)
+        box_input = boxes_on_input(np.stack([p.box for p in prompts]), slice_shape, model)
 
     sparse, dense = model.prompt_encoder(points=point_input, boxes=box_input, masks=None)
     logits, predicted_iou = decode_masks(

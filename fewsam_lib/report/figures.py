@@ -93,11 +93,21 @@ def collection_figure(run_folder: str | Path, limit: int = 10) -> plt.Figure:
 def training_curve(run_folder: str | Path) -> plt.Figure:
     """Training loss per step, with a 10-step running mean."""
     curve = pd.read_csv(Path(run_folder) / "training_curve.csv")
-    figure, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(curve.step, curve.loss, color="0.75", linewidth=0.8, label="per step")
-    ax.plot(curve.step, curve.loss.rolling(10, min_periods=1).mean(), color="C0", label="running mean (10)")
-    ax.set(xlabel="step", ylabel="BCE + soft Dice loss", title="decoder training")
-    ax.legend(fontsize=8)
+    if "stage" not in curve:  # runs before the location head trained only the decoder
+        curve["stage"] = "decoder"
+    stages = list(dict.fromkeys(curve.stage))
+    figure, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        part = curve[curve.stage == stage]
+        ax.plot(part.step, part.loss, color="0.75", linewidth=0.8, label="per step")
+        ax.plot(part.step, part.loss.rolling(10, min_periods=1).mean(), color="C0", label="running mean (10)")
+        location = stage == "location"
+        ax.set(
+            xlabel="step",
+            ylabel="class-weighted CE + soft Dice" if location else "BCE + soft Dice loss",
+            title="location head training" if location else "decoder training",
+        )
+        ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
 

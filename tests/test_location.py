@@ -1,0 +1,144 @@
+"""The location head and the ``located`` few-shot variants, on real slices and real embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fewsam_lib.bench.profiles import load_profile
+from fewsam_lib.data.volumes import grey_slices, load_case, take_slice
+from fewsam_lib.encoders.cache import EmbeddingCache
+from fewsam_lib.methods.fewshot import FEWSHOT_VARIANTS, FewShotModel, fit_fewshot, get_fewshot_variant
+from fewsam_lib.methods.location import (
+    LocationSettings,
+    cell_positions,
+    fit_location_map,
+    image_cells,
+    located_regions,
+    most_confident_component,
+)
+
+PREPROCESSING = {"slice_axis": 2, "intensity": {}}
+
+
+@pytest.fixture(scope="module")
+def ct_slab(openkbp):
+    """The smoke profile's CT slab (12 slices of the first test patient): embeddings and label slices."""
+    smoke = load_profile("smoke").for_dataset(openkbp.path)
+    case_id = smoke.test_case_ids(openkbp)[0]
+    volume = load_case(openkbp, case_id)
+    extent = smoke.scored_slices(openkbp, volume)
+    cache = EmbeddingCache("mobile_sam")
+    embeddings = list(cache.get_many(grey_slices(openkbp, volume, extent), progress=False))
+    labels = [take_slice(volume.label, openkbp.slice_axis, i) for i in extent]
+    return cache, embeddings, labels
+
+
+def test_cells_on_the_image_and_their_positions_follow_sam_resize_and_padding():
+    inside = image_cells((35, 51), 1024)  # hippocampus: 51 px -> 1024, 35 px -> 703 (44 cells)
+    assert inside.shape == (64, 64) and inside[:44].all() and not inside[44:].any()
+    positions = cell_positions((35, 51), 1024)
+    assert positions[1, 0, 0] == pytest.approx(-1 + 8 / 1024 * 2) and positions[0, 43, 0] < 1 < positions[0, 44, 0]
+
+
+@pytest.fixture(scope="module")
+def hippocampus_support(hippocampus):
+    """Real support slices of one training case: every 3rd slice showing hippocampus, and 2 without."""
+    case_id = sorted(hippocampus.case_ids("train"))[0]
+    volume = load_case(hippocampus, case_id)
+    axis = hippocampus.slice_axis
+    shown = [i for i in range(volume.shape[axis]) if take_slice(volume.label, axis, i).any()]
+    indices = shown[::3] + [shown[0] - 2, shown[-1] + 2]
+    cache = EmbeddingCache("mobile_sam")
+    embeddings = list(cache.get_many(grey_slices(hippocampus, volume, indices), progress=False))
+    return embeddings, [take_slice(volume.label, axis, i) for i in indices]
+
+
+def test_location_map_peaks_inside_each_task_and_finds_absent_tasks(hippocampus, hippocampus_support):
+    """Trained on real support slices, the map's most probable class is right where it matters."""
+    embeddings, labels = hippocampus_support
+    assert any(not label.any() for label in labels)
+    values = list(hippocampus.tasks)
+    settings = LocationSettings(steps=150)
+    location, history = fit_location_map(embeddings, labels, values, 1024, settings, seed=0, progress=False)
+    assert len(history) == 150 and history[-1] < history[0] / 2
+    for embedding, label in zip(embeddings, labels):
+        probabilities = location.pixel_probabilities(embedding, label.shape)
+        assert probabilities.shape == (3, *label.shape)
+        np.testing.assert_allclose(probabilities.sum(0), 1, atol=1e-5)
+        regions = located_regions(probabilities)
+        for index, value in enumerate(values):
+            if (label == value).any():  # the peak of the task's probability lies inside the task
+                peak = np.unravel_index(np.argmax(probabilities[index + 1]), label.shape)
+                assert label[peak] == value
+        if not label.any():  # a slice past the hippocampus: the presence decision says absent for both
+            assert not regions.any()
+
+
+def test_most_confident_component_keeps_the_heaviest_part():
+    region = np.zeros((8, 8), bool)
+    region[0:2, 0:2] = region[5:8, 5:8] = True
+    probability = np.where(region, 0.6, 0.0)
+    probability[0, 0] = 1.0  # 4 px summing 2.2 against 9 px summing 5.4
+    kept = most_confident_component(region, probability)
+    assert kept[5:8, 5:8].all() and not kept[0:2, 0:2].any()
+    assert not most_confident_component(np.zeros((4, 4), bool), np.zeros((4, 4))).any()
+
+
+@pytest.mark.parametrize("variant", ["located", "located_box"])
+def test_located_variants_do_not_collapse_on_ct(ct_slab, openkbp, variant):
+    """The collapse detector: trained on 6 slices of the CT slab, every organ is predicted (non-empty)
+    on the held-out slab slices that show it; the paper-faithful decoder predicted nothing there."""
+    cache, embeddings, labels = ct_slab
+    support = list(range(0, len(embeddings), 2))
+    chosen = get_fewshot_variant(variant).with_schedule(steps=20, slices_per_step=1)
+    model, curve = fit_fewshot(
+        cache.backbone.model,
+        "mobile_sam",
+        [embeddings[i] for i in support],
+        [labels[i] for i in support],
+        openkbp.tasks,
+        chosen,
+        seed=0,
+        preprocessing=PREPROCESSING,
+        progress=False,
+    )
+    assert set(curve.stage) == ({"location", "decoder"} if variant == "located_box" else {"location"})
+    held_out = [i for i in range(len(embeddings)) if i not in support]
+    predicted = model.segment(cache.backbone.model, torch.stack([embeddings[i] for i in held_out]), labels[0].shape)
+    for value, organ in openkbp.tasks.items():
+        shown = [k for k, i in enumerate(held_out) if (labels[i] == value).any()]
+        if not shown:
+            continue
+        hits = [(predicted[k] == value).any() for k in shown]
+        assert all(hits), f"{variant}: {organ} missing on {hits.count(False)} of {len(shown)} held-out slices"
+
+
+def test_a_located_model_saves_and_loads_with_its_head(ct_slab, openkbp, tmp_path):
+    cache, embeddings, labels = ct_slab
+    model, _ = fit_fewshot(
+        cache.backbone.model,
+        "mobile_sam",
+        embeddings[:3],
+        labels[:3],
+        openkbp.tasks,
+        get_fewshot_variant("located").with_schedule(steps=1),
+        seed=0,
+        preprocessing=PREPROCESSING,
+        progress=False,
+    )
+    loaded = FewShotModel.load(model.save(tmp_path / "located.pt"), cache.backbone.model, "mobile_sam")
+    assert loaded.variant == model.variant and loaded.locator.settings == model.locator.settings
+    batch = torch.stack(embeddings[3:5])
+    np.testing.assert_array_equal(
+        loaded.segment(cache.backbone.model, batch, labels[0].shape),
+        model.segment(cache.backbone.model, batch, labels[0].shape),
+    )
+
+
+def test_variants_without_a_locator_keep_their_definition():
+    """Adding the locator must not rename runs of the variants before it (their settings hash)."""
+    for name in ("raw", "centred", "centred_bg"):
+        assert "locator" not in FEWSHOT_VARIANTS[name].definition()
+    assert FEWSHOT_VARIANTS["located"].definition()["segmenter"] == "location_map"

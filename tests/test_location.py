@@ -146,3 +146,21 @@ def test_variants_without_a_locator_keep_their_definition():
     for name in ("raw", "centred", "centred_bg"):
         assert "locator" not in FEWSHOT_VARIANTS[name].definition()
     assert FEWSHOT_VARIANTS["located"].definition()["segmenter"] == "location_map"
+
+
+def test_ablation_markdown_keeps_each_rows_mean_with_its_row():
+    """The ablation table's mean column belongs to its row, whatever order the rows come in."""
+    import pandas as pd
+
+    from fewsam_lib.report.benchmark import ablation_markdown
+
+    rows = [
+        ("validation", "few-shot 20 shots (located)", "mobile_sam", "a", 0.5, 0.6),
+        ("validation", "few-shot 20 shots (located)", "mobile_sam", "b", 0.7, 0.8),
+        ("test", "SAM box", "mobile_sam", "a", 0.1, 0.2),
+        ("test", "SAM box", "mobile_sam", "b", 0.3, 0.4),
+    ]
+    table = pd.DataFrame(rows, columns=["split", "label", "backbone", "task", "slice_iou", "volume_dice"])
+    lines = [line for line in ablation_markdown(table.assign(dataset="d")).splitlines() if line.startswith("| ")]
+    assert "validation" in lines[1] and lines[1].rstrip(" |").endswith("0.600 / 0.700")
+    assert "SAM box" in lines[2] and lines[2].rstrip(" |").endswith("0.200 / 0.300")

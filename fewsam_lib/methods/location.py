@@ -19,7 +19,7 @@ class 0 background, class i the i-th task in label order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ class LocationMap:
         return F.interpolate(on_input, slice_shape, mode="bilinear", align_corners=False)[0].numpy()
 
     def state(self) -> dict:
-        return {"settings": self.settings.__dict__, "input_size": self.input_size, "head": self.head.state_dict()}
+        return {"settings": asdict(self.settings), "input_size": self.input_size, "head": self.head.state_dict()}
 
     @classmethod
     def from_state(cls, state: dict, classes: int) -> LocationMap:

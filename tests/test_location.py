@@ -13,12 +13,14 @@ from fewsam_lib.data.volumes import grey_slices, load_case, take_slice
 from fewsam_lib.encoders.cache import EmbeddingCache
 from fewsam_lib.methods.fewshot import FEWSHOT_VARIANTS, FewShotModel, fit_fewshot, get_fewshot_variant
 from fewsam_lib.methods.location import (
+    LocationMap,
     LocationSettings,
     cell_positions,
     fit_location_map,
     image_cells,
     located_regions,
     most_confident_component,
+    region_box,
 )
 
 PREPROCESSING = {"slice_axis": 2, "intensity": {}}
@@ -88,7 +90,52 @@ def test_most_confident_component_keeps_the_heaviest_part():
     assert not most_confident_component(np.zeros((4, 4), bool), np.zeros((4, 4))).any()
 
 
-@pytest.mark.parametrize("variant", ["located", "located_box"])
+def test_a_region_box_grows_by_its_margin_and_stays_on_the_slice():
+    region = np.zeros((10, 12), bool)
+    region[0:3, 4:7] = True
+    probability = region.astype(float)
+    np.testing.assert_array_equal(region_box(region, probability, 0), [4, 0, 7, 3])
+    np.testing.assert_array_equal(region_box(region, probability, 1), [3, 0, 8, 4])  # y0 kept at the edge
+    np.testing.assert_array_equal(region_box(region, probability, 20), [0, 0, 12, 10])
+
+
+def test_a_context_head_smooths_across_slices_and_keeps_probabilities(hippocampus, hippocampus_support):
+    """On real support slices: the context head trains, smoothing across the stack keeps each
+    pixel's probabilities summing to 1 and changes them, and without smoothing each slice is alone."""
+    embeddings, labels = hippocampus_support
+    settings = LocationSettings(steps=20, context_pool=4, slice_smoothing=1.0)
+    location, history = fit_location_map(
+        embeddings, labels, list(hippocampus.tasks), 1024, settings, seed=0, progress=False
+    )
+    assert history[-1] < history[0]
+    stack = torch.stack(embeddings[:4])
+    smoothed = location.volume_probabilities(stack, labels[0].shape)
+    assert smoothed.shape == (4, 3, *labels[0].shape)
+    np.testing.assert_allclose(smoothed.sum(1), 1, atol=1e-5)
+    alone = LocationMap(location.head, dataclasses.replace(settings, slice_smoothing=0.0), 1024)
+    per_slice = alone.volume_probabilities(stack, labels[0].shape)
+    np.testing.assert_allclose(per_slice[2], location.pixel_probabilities(stack[2], labels[0].shape), atol=1e-6)
+    assert np.abs(smoothed - per_slice).max() > 0.01
+
+
+def test_a_head_saved_in_the_first_layout_still_loads(hippocampus_support):
+    """Heads saved before the context branch (one Sequential, ``layers.*``) load into today's."""
+    embeddings, labels = hippocampus_support
+    settings = LocationSettings(steps=2)
+    location, _ = fit_location_map(embeddings, labels, [1, 2], 1024, settings, seed=0, progress=False)
+    first = {"reduce.0.": "layers.0.", "local.0.": "layers.2.", "local.2.": "layers.4.", "classify.": "layers.6."}
+    state = location.state()
+    state["head"] = {
+        next(first[p] + k[len(p) :] for p in first if k.startswith(p)): v for k, v in state["head"].items()
+    }
+    loaded = LocationMap.from_state(state, classes=3)
+    np.testing.assert_array_equal(
+        loaded.cell_probabilities(embeddings[0], labels[0].shape),
+        location.cell_probabilities(embeddings[0], labels[0].shape),
+    )
+
+
+@pytest.mark.parametrize("variant", ["located", "located_box", "located_context_box"])
 def test_located_variants_do_not_collapse_on_ct(ct_slab, openkbp, variant):
     """The collapse detector: trained on 6 slices of the CT slab, every organ is predicted (non-empty)
     on held-out slab slices that show it, and on most of them; the paper-faithful decoder predicted
@@ -108,7 +155,7 @@ def test_located_variants_do_not_collapse_on_ct(ct_slab, openkbp, variant):
         preprocessing=PREPROCESSING,
         progress=False,
     )
-    assert set(curve.stage) == ({"location", "decoder"} if variant == "located_box" else {"location"})
+    assert set(curve.stage) == ({"location", "decoder"} if variant.endswith("_box") else {"location"})
     held_out = [i for i in range(len(embeddings)) if i not in support]
     predicted = model.segment(cache.backbone.model, torch.stack([embeddings[i] for i in held_out]), labels[0].shape)
     found = []
@@ -119,15 +166,17 @@ def test_located_variants_do_not_collapse_on_ct(ct_slab, openkbp, variant):
     assert np.mean(found) >= 0.8, f"{variant}: organs found on {np.mean(found):.0%} of (slice, organ) pairs"
 
 
-def test_a_located_model_saves_and_loads_with_its_head(ct_slab, openkbp, tmp_path):
+@pytest.mark.parametrize("variant", ["located", "located_context_box"])
+def test_a_located_model_saves_and_loads_with_its_head(ct_slab, openkbp, tmp_path, variant):
     cache, embeddings, labels = ct_slab
+    chosen = get_fewshot_variant(variant).with_schedule(steps=2, slices_per_step=1)
     model, _ = fit_fewshot(
         cache.backbone.model,
         "mobile_sam",
         embeddings[::2],
         labels[::2],
         openkbp.tasks,
-        dataclasses.replace(get_fewshot_variant("located"), locator=LocationSettings(steps=3)),
+        dataclasses.replace(chosen, locator=dataclasses.replace(chosen.locator, steps=3)),
         seed=0,
         preprocessing=PREPROCESSING,
         progress=False,

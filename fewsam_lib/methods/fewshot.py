@@ -51,7 +51,7 @@ from .location import (
     LocationSettings,
     fit_location_map,
     located_regions,
-    most_confident_component,
+    region_box,
 )
 from .prompting import bounding_box, box_prompt_tokens, jitter_box
 from .sam_decoding import EMBEDDING_GRID, decode_masks, no_mask_prompt, resolve_overlaps
@@ -303,6 +303,29 @@ register_fewshot_variant(
 )
 
 
+# Chosen on validation (docs/results.md): a pooled context branch, a gentler and longer schedule
+# (the first head's loss swung between seeds), smoothing over +-1 slice and a 1-pixel box margin.
+CONTEXT_LOCATOR = LocationSettings(steps=600, learning_rate=1e-3, context_pool=4, slice_smoothing=1.0, box_margin=1.0)
+register_fewshot_variant(
+    FewShotVariant(
+        "located_context",
+        TOKEN_DESIGNS["centred"],
+        locator=CONTEXT_LOCATOR,
+        segmenter="location_map",
+        description="located, with a pooled context branch in the head and its map smoothed across slices",
+    )
+)
+register_fewshot_variant(
+    FewShotVariant(
+        "located_context_box",
+        TOKEN_DESIGNS["centred"],
+        locator=CONTEXT_LOCATOR,
+        segmenter="decoder_box",
+        description="located_box with the located_context head; each box grown by one pixel",
+    )
+)
+
+
 def get_fewshot_variant(name: str) -> FewShotVariant:
     """A registered variant by name; ``centred-1a2b3c4d`` (a run's full name) gives its base ``centred``."""
     return lookup(FEWSHOT_VARIANTS, name.split("-", 1)[0], "few-shot variant")
@@ -350,28 +373,37 @@ class FewShotModel:
         return torch.stack([self.tokens[name] for name in self.tasks.values()]).to(device)
 
     def segment(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
-        """Label slices (N, H, W) for N embeddings: per pixel the task with the highest positive logit
-        (the location head's most probable class for ``location_map``)."""
-        with torch.inference_mode():
-            return np.stack([self.segment_slice(model, embedding, slice_shape) for embedding in embeddings])
-
-    def segment_slice(self, model: Sam, embedding: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        """Label slices (N, H, W) for the embeddings (N, 256, 64, 64) of N consecutive slices: per
+        pixel the task with the highest positive logit (the location head's most probable class for
+        ``location_map``). A locator that smooths across slices reads the N slices as one stack."""
         values = list(self.tasks)
-        segmenter = self.variant.segmenter
-        if segmenter == "decoder":
-            tokens = self.token_batch(model.device)
-            logits = decode(self.decoder, model, embedding.to(model.device), tokens, slice_shape)
-            return resolve_overlaps(logits.cpu().numpy(), values)
-        probabilities = self.locator.pixel_probabilities(embedding, slice_shape)
-        if segmenter == "location_map":
-            return np.asarray([0, *values], dtype=np.uint8)[probabilities.argmax(0)]
+        with torch.inference_mode():
+            if self.variant.segmenter == "decoder":
+                tokens = self.token_batch(model.device)
+                return np.stack(
+                    [
+                        resolve_overlaps(
+                            decode(self.decoder, model, e.to(model.device), tokens, slice_shape).cpu().numpy(), values
+                        )
+                        for e in embeddings
+                    ]
+                )
+            probabilities = self.locator.volume_probabilities(embeddings, slice_shape)
+            if self.variant.segmenter == "location_map":
+                return np.asarray([0, *values], dtype=np.uint8)[probabilities.argmax(1)]
+            return np.stack([self._decode_located(model, e, p, slice_shape) for e, p in zip(embeddings, probabilities)])
+
+    def _decode_located(
+        self, model: Sam, embedding: torch.Tensor, probabilities: np.ndarray, slice_shape: tuple[int, int]
+    ) -> np.ndarray:
+        """``decoder_box`` on one slice: each task the head finds gets its box; the others stay absent."""
+        values = list(self.tasks)
         regions = located_regions(probabilities)
         logits = np.full((len(values), *slice_shape), -np.inf, dtype=np.float32)
         present = [index for index, region in enumerate(regions) if region.any()]
         if present:
-            boxes = np.stack(
-                [bounding_box(most_confident_component(regions[i], probabilities[i + 1])) for i in present]
-            )
+            margin = self.locator.settings.box_margin
+            boxes = np.stack([region_box(regions[i], probabilities[i + 1], margin) for i in present])
             tokens = self.token_batch(model.device)[present]
             logits[present] = decode_with_boxes(self.decoder, model, embedding, tokens, boxes, slice_shape).cpu()
         return resolve_overlaps(logits, values)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..encoders.backbones import resized_shape
 from ..errors import FewsamError
+from .prompting import bounding_box
 from .sam_decoding import EMBEDDING_GRID
 
 PATCH = 16  # input pixels per embedding cell (SAM's ViT patch size)
@@ -46,10 +47,20 @@ class LocationSettings:
     weight_decay: float = 0.01
     class_weight_power: float = 0.5
     positions: bool = True  # the cell's (y, x) inside the image as two extra features
+    # A second branch of two 3x3 convolutions on the grid average-pooled by this factor (0: none):
+    # a context of ~20 cells, enough to tell the anterior from the posterior hippocampus.
+    context_pool: int = 0
+    # Gaussian sigma, in slices, of the smoothing of the probabilities across the neighbouring
+    # slices of a volume before any decision (0: each slice alone).
+    slice_smoothing: float = 0.0
+    # Pixels added on every side of the box of a located region (``decoder_box``).
+    box_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.steps < 1 or self.slices_per_step < 1:
             raise FewsamError(f"a location head needs hidden, steps and slices_per_step >= 1, got {self}")
+        if self.context_pool < 0 or self.slice_smoothing < 0 or self.box_margin < 0:
+            raise FewsamError(f"context_pool, slice_smoothing and box_margin cannot be negative, got {self}")
 
 
 def image_cells(slice_shape: tuple[int, int], input_size: int) -> torch.Tensor:
@@ -76,23 +87,53 @@ def cell_fractions(label: np.ndarray, values: list[int], input_size: int) -> tor
 
 
 class LocationHead(torch.nn.Module):
-    """1x1 reduction, two 3x3 convolutions (a 5x5-cell context), 1x1 to background + tasks."""
+    """1x1 reduction, two 3x3 convolutions (a 5x5-cell context), 1x1 to background + tasks; with
+    ``context_pool`` a second pair of 3x3 convolutions on the pooled grid joins before the last 1x1."""
 
-    def __init__(self, channels: int, hidden: int, classes: int) -> None:
+    def __init__(self, channels: int, hidden: int, classes: int, context_pool: int = 0) -> None:
         super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, hidden, 1),
-            torch.nn.GELU(),
-            torch.nn.Conv2d(hidden, hidden, 3, padding=1),
-            torch.nn.GELU(),
-            torch.nn.Conv2d(hidden, hidden, 3, padding=1),
-            torch.nn.GELU(),
-            torch.nn.Conv2d(hidden, classes, 1),
-        )
+        self.context_pool = context_pool
+        self.reduce = torch.nn.Sequential(torch.nn.Conv2d(channels, hidden, 1), torch.nn.GELU())
+        self.local = _convolutions(hidden)
+        self.context = _convolutions(hidden) if context_pool else None
+        self.classify = torch.nn.Conv2d(hidden * (2 if context_pool else 1), classes, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, 64, 64) -> (B, T+1, 64, 64) logits."""
-        return self.layers(features)
+        reduced = self.reduce(features)
+        merged = self.local(reduced)
+        if self.context is not None:
+            context = self.context(F.avg_pool2d(reduced, self.context_pool))
+            merged = torch.cat(
+                [merged, F.interpolate(context, merged.shape[-2:], mode="bilinear", align_corners=False)], 1
+            )
+        return self.classify(merged)
+
+
+def _convolutions(hidden: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(hidden, hidden, 3, padding=1),
+        torch.nn.GELU(),
+        torch.nn.Conv2d(hidden, hidden, 3, padding=1),
+        torch.nn.GELU(),
+    )
+
+
+# Heads saved before the context branch kept their layers in one Sequential.
+_FIRST_HEAD_LAYOUT = {
+    "layers.0.": "reduce.0.",
+    "layers.2.": "local.0.",
+    "layers.4.": "local.2.",
+    "layers.6.": "classify.",
+}
+
+
+def _current_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state.items():
+        old = next((prefix for prefix in _FIRST_HEAD_LAYOUT if key.startswith(prefix)), None)
+        renamed[key if old is None else _FIRST_HEAD_LAYOUT[old] + key[len(old) :]] = value
+    return renamed
 
 
 @dataclass
@@ -128,19 +169,30 @@ class LocationMap:
         on_input = F.interpolate(cells[None], size, mode="bilinear", align_corners=False)[..., :height, :width]
         return F.interpolate(on_input, slice_shape, mode="bilinear", align_corners=False)[0].numpy()
 
+    def volume_probabilities(self, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        """(N, T+1, H, W) for the embeddings (N, 256, 64, 64) of N consecutive slices of a volume,
+        smoothed across slices when the settings ask for it (still summing to 1 per pixel)."""
+        probabilities = np.stack([self.pixel_probabilities(embedding, slice_shape) for embedding in embeddings])
+        if self.settings.slice_smoothing > 0 and len(probabilities) > 1:
+            probabilities = ndimage.gaussian_filter1d(
+                probabilities, self.settings.slice_smoothing, axis=0, mode="nearest"
+            )
+        return probabilities
+
     def state(self) -> dict:
         return {"settings": asdict(self.settings), "input_size": self.input_size, "head": self.head.state_dict()}
 
     @classmethod
     def from_state(cls, state: dict, classes: int) -> LocationMap:
         settings = LocationSettings(**state["settings"])
-        head = LocationHead(_channels(settings), settings.hidden, classes)
-        head.load_state_dict(state["head"])
+        head = _new_head(settings, classes)
+        head.load_state_dict(_current_layout(state["head"]))
         return cls(head.eval().requires_grad_(False), settings, int(state["input_size"]))
 
 
-def _channels(settings: LocationSettings) -> int:
-    return 256 + (2 if settings.positions else 0)
+def _new_head(settings: LocationSettings, classes: int) -> LocationHead:
+    channels = 256 + (2 if settings.positions else 0)
+    return LocationHead(channels, settings.hidden, classes, settings.context_pool)
 
 
 def fit_location_map(
@@ -155,7 +207,7 @@ def fit_location_map(
     """Train a head on the collection's cached embeddings and label slices; returns it and the loss per step."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    head = LocationHead(_channels(settings), settings.hidden, len(values) + 1)
+    head = _new_head(settings, len(values) + 1)
     untrained = LocationMap(head, settings, input_size)
     features = torch.stack([untrained.features(e, label.shape) for e, label in zip(embeddings, label_slices)])
     targets = torch.stack([cell_fractions(label, values, input_size) for label in label_slices])
@@ -203,6 +255,14 @@ def located_regions(probabilities: np.ndarray) -> np.ndarray:
     the task, an empty mask being the presence decision "absent on this slice"."""
     best = probabilities.argmax(0)
     return np.stack([best == index for index in range(1, len(probabilities))])
+
+
+def region_box(region: np.ndarray, probability: np.ndarray, margin: float) -> np.ndarray:
+    """Pixel-edge box (x0, y0, x1, y1) of the most confident component of a non-empty region,
+    grown by ``margin`` pixels on every side and kept on the slice."""
+    height, width = region.shape
+    box = bounding_box(most_confident_component(region, probability)) + np.array([-margin, -margin, margin, margin])
+    return np.clip(box, 0, [width, height, width, height])
 
 
 def most_confident_component(region: np.ndarray, probability: np.ndarray) -> np.ndarray:

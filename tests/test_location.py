@@ -213,3 +213,23 @@ def test_ablation_markdown_keeps_each_rows_mean_with_its_row():
     lines = [line for line in ablation_markdown(table.assign(dataset="d")).splitlines() if line.startswith("| ")]
     assert "validation" in lines[1] and lines[1].rstrip(" |").endswith("0.600 / 0.700")
     assert "SAM box" in lines[2] and lines[2].rstrip(" |").endswith("0.200 / 0.300")
+
+
+def test_the_validation_ranking_compares_only_variants_with_every_cell():
+    """Ranked on the mean over (dataset, shots) cells; a variant run on fewer cells is not ranked."""
+    import pandas as pd
+
+    from fewsam_lib.report.benchmark import validation_ranking
+
+    rows = [  # variant, dataset, shots, task, slice IoU
+        ("a", "d1", 20, "t1", 0.4), ("a", "d1", 20, "t2", 0.6), ("a", "d2", 20, "t1", 0.3),
+        ("b", "d1", 20, "t1", 0.6), ("b", "d1", 20, "t2", 0.6), ("b", "d2", 20, "t1", 0.4),
+        ("c", "d1", 20, "t1", 0.9),
+    ]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["variant", "dataset", "shots", "task", "slice_iou"]).assign(
+        volume_dice=0.5, split="validation", label="few-shot"
+    )
+    sam_box = table.iloc[:1].assign(label="SAM box", variant="box", slice_iou=1.0)
+    ranking = validation_ranking(pd.concat([table, sam_box, table.iloc[:1].assign(split="test", slice_iou=1.0)]))
+    assert ranking.variant.tolist() == ["b", "a", "c"] and ranking["rank"].tolist() == [1, 2, 0]
+    assert ranking.slice_iou.tolist() == pytest.approx([0.5, 0.4, 0.9])

@@ -208,6 +208,46 @@ def ablation_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def validation_ranking(table: pd.DataFrame) -> pd.DataFrame:
+    """Few-shot variants ranked on validation, from :func:`ablation_table`: the mean over tasks of
+    each (dataset, shots) cell, then the mean over the cells. Only variants with every cell that any
+    variant has are ranked (``complete``); the others follow, unranked (``rank`` 0)."""
+    columns = ["rank", "variant", "cells", "slice_iou", "volume_dice", "complete"]
+    part = table[(table.split == "validation") & table.label.str.startswith("few-shot")]
+    if part.empty:
+        return pd.DataFrame(columns=columns)
+    cells = part.groupby(["variant", "dataset", "shots"])[["slice_iou", "volume_dice"]].mean().reset_index()
+    needed = len(cells.drop_duplicates(["dataset", "shots"]))
+    ranking = cells.groupby("variant").agg(
+        cells=("dataset", "size"), slice_iou=("slice_iou", "mean"), volume_dice=("volume_dice", "mean")
+    )
+    ranking["complete"] = ranking.cells == needed
+    ranking = ranking.reset_index().sort_values(["complete", "slice_iou"], ascending=False, ignore_index=True)
+    ranking["rank"] = np.where(ranking.complete, np.arange(1, len(ranking) + 1), 0)
+    return ranking[columns]
+
+
+def ranking_markdown(ranking: pd.DataFrame) -> str:
+    if ranking.empty:
+        return ""
+    needed = int(ranking.cells.max())
+    shown = ranking.assign(
+        rank=[str(rank) if rank else "—" for rank in ranking["rank"]],
+        cells=[f"{cells} of {needed}" for cells in ranking.cells],
+    ).drop(columns="complete")
+    return "\n".join(
+        [
+            "### Few-shot variants ranked on validation",
+            "",
+            shown.to_markdown(index=False, floatfmt=".3f"),
+            "",
+            "Mean over the (dataset, shots) cells of the validation runs of each cell's task-mean slice IoU "
+            "(volume Dice beside it); a variant missing a cell is not ranked. The default variant is the first.",
+            "",
+        ]
+    )
+
+
 def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | None = None) -> str:
     """The README's compact table: per dataset and task, slice IoU / volume Dice of each prompted
     method's reference variants, few-shot with the most shots (default variant) and each supervised
@@ -619,7 +659,9 @@ def write_report(
     shown_profiles = sorted({"validation", profile}) if profile is not None else sorted(set(everything.profile))
     ablation = ablation_table(everything, run_index(results_dir, None), shown_profiles)
     ablation.to_csv(tables / "ablation.csv", index=False, float_format="%.4f")
-    (tables / "ablation.md").write_text(ablation_markdown(ablation))
+    (tables / "ablation.md").write_text(
+        ablation_markdown(ablation) + "\n" + ranking_markdown(validation_ranking(ablation))
+    )
     written.update({name: tables / name for name in REPORT_TABLES})
 
     figure = prompting_figure(with_roles(summary))

@@ -242,7 +242,8 @@ def ranking_markdown(ranking: pd.DataFrame) -> str:
             shown.to_markdown(index=False, floatfmt=".3f"),
             "",
             "Mean over the (dataset, shots) cells of the validation runs of each cell's task-mean slice IoU "
-            "(volume Dice beside it); a variant missing a cell is not ranked. The default variant is the first.",
+            "(volume Dice beside it); a variant missing a cell is not ranked. The default variant becomes the first "
+            "once its `cpu` runs exist (docs/results.md).",
             "",
         ]
     )

@@ -44,28 +44,40 @@ def test_cells_on_the_image_and_their_positions_follow_sam_resize_and_padding():
     assert inside.shape == (64, 64) and inside[:44].all() and not inside[44:].any()
     positions = cell_positions((35, 51), 1024)
     assert positions[1, 0, 0] == pytest.approx(-1 + 8 / 1024 * 2) and positions[0, 43, 0] < 1 < positions[0, 44, 0]
+    # LiteMedSAM: the same 64x64 grid over a 256-pixel input (51 px -> 256, 35 px -> 176, 44 cells).
+    assert (image_cells((35, 51), 256) == inside).all()
+    on_image = cell_positions((35, 51), 256)[:, inside]  # 176/256 against 703/1024: close, not equal
+    assert torch.allclose(on_image, positions[:, inside], atol=5e-3)
+
+
+def support_slices(manifest, backbone: str) -> tuple[list[torch.Tensor], list[np.ndarray], int]:
+    """Real support slices of one training case: every 3rd slice showing hippocampus, and 2 without;
+    with the backbone's input size."""
+    case_id = sorted(manifest.case_ids("train"))[0]
+    volume = load_case(manifest, case_id)
+    axis = manifest.slice_axis
+    shown = [i for i in range(volume.shape[axis]) if take_slice(volume.label, axis, i).any()]
+    indices = shown[::3] + [shown[0] - 2, shown[-1] + 2]
+    cache = EmbeddingCache(backbone)
+    embeddings = list(cache.get_many(grey_slices(manifest, volume, indices), progress=False))
+    labels = [take_slice(volume.label, axis, i) for i in indices]
+    return embeddings, labels, cache.backbone.model.image_encoder.img_size
 
 
 @pytest.fixture(scope="module")
 def hippocampus_support(hippocampus):
-    """Real support slices of one training case: every 3rd slice showing hippocampus, and 2 without."""
-    case_id = sorted(hippocampus.case_ids("train"))[0]
-    volume = load_case(hippocampus, case_id)
-    axis = hippocampus.slice_axis
-    shown = [i for i in range(volume.shape[axis]) if take_slice(volume.label, axis, i).any()]
-    indices = shown[::3] + [shown[0] - 2, shown[-1] + 2]
-    cache = EmbeddingCache("mobile_sam")
-    embeddings = list(cache.get_many(grey_slices(hippocampus, volume, indices), progress=False))
-    return embeddings, [take_slice(volume.label, axis, i) for i in indices]
+    return support_slices(hippocampus, "mobile_sam")[:2]
 
 
-def test_location_map_peaks_inside_each_task_and_finds_absent_tasks(hippocampus, hippocampus_support):
+# LiteMedSAM spreads the same 64x64 grid over a 256-pixel input: the head must not assume 1024.
+@pytest.mark.parametrize("backbone", ["mobile_sam", "lite_medsam"])
+def test_location_map_peaks_inside_each_task_and_finds_absent_tasks(hippocampus, backbone):
     """Trained on real support slices, the map's most probable class is right where it matters."""
-    embeddings, labels = hippocampus_support
+    embeddings, labels, input_size = support_slices(hippocampus, backbone)
     assert any(not label.any() for label in labels)
     values = list(hippocampus.tasks)
     settings = LocationSettings(steps=150)
-    location, history = fit_location_map(embeddings, labels, values, 1024, settings, seed=0, progress=False)
+    location, history = fit_location_map(embeddings, labels, values, input_size, settings, seed=0, progress=False)
     assert len(history) == 150 and history[-1] < history[0] / 2
     for embedding, label in zip(embeddings, labels):
         probabilities = location.pixel_probabilities(embedding, label.shape)

@@ -6,15 +6,24 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics
 
 from fewsam_lib.bench.evaluate import evaluate
 from fewsam_lib.bench.runs import IncompleteRun, load_run
-from fewsam_lib.data.volumes import slice_table
+from fewsam_lib.data.collection import draw_collection
+from fewsam_lib.data.volumes import load_case, slice_table
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.methods.base import PlannedRun
-from fewsam_lib.methods.nnunet import export_raw_dataset, full_budget, labelled_slice_counts, matched_budget
+from fewsam_lib.methods.nnunet import (
+    export_raw_dataset,
+    full_budget,
+    labelled_slice_counts,
+    matched_budget,
+    same_slices_budget,
+)
+from fewsam_lib.report.benchmark import method_label
 
 
 def run_nnunet(
@@ -66,6 +75,29 @@ def test_export_gives_a_dataset_that_nnunet_accepts(hippocampus, train_table, tm
     assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in budget.case_ids]
     verify_dataset_integrity(str(folder), num_processes=1)  # nnunetv2's own check raises on any problem
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_a_same_slices_export_labels_exactly_the_collections_slices_and_ignores_the_rest(
+    hippocampus, train_table, tmp_path
+):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    collection = draw_collection(hippocampus, 5, 0, train_table)
+    budget = same_slices_budget(hippocampus, 5, seed=0, table=train_table)
+    assert budget.name == f"sameslices{len(collection.slices)}seed0"
+    assert budget.labelled_slices == len(collection.slices)
+    assert set(budget.case_ids) == {support.case_id for support in collection.slices}
+    folder = export_raw_dataset(hippocampus, budget, 504, raw_root=tmp_path)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "anterior": 1, "posterior": 2, "ignore": 3}
+    verify_dataset_integrity(str(folder), num_processes=1)
+    axis = hippocampus.slice_axis
+    for case_id in budget.case_ids:
+        volume = load_case(hippocampus, case_id)
+        exported = volume.read_on_canonical_grid(folder / "labelsTr" / f"{case_id}.nii.gz")
+        kept = sorted(support.slice_index for support in collection.slices if support.case_id == case_id)
+        assert (np.take(exported, kept, axis) == np.take(volume.label, kept, axis)).all()
+        assert (np.delete(exported, kept, axis) == 3).all()
 
 
 def test_export_refuses_test_cases_taken_ids_and_gapped_labels(hippocampus, train_table, tmp_path):
@@ -145,6 +177,24 @@ def test_a_failed_nnunet_training_is_a_clear_error_and_leaves_the_run_incomplete
     folder = next((tmp_path / "runs").glob("*/nnunet/*"))
     with pytest.raises(IncompleteRun):
         load_run(folder)
+
+
+def test_nnunet_trains_and_predicts_on_the_same_slices_as_few_shot(nnunet_roots, hippocampus, tmp_path):
+    folder = run_nnunet(str(HIPPOCAMPUS_MANIFEST), budget="same_slices", results_dir=tmp_path)
+    meta, metrics = load_run(folder)
+    collection = draw_collection(hippocampus, 5, 0)  # the smoke profile's few-shot collection
+    budget = meta["label_budget"]
+    assert meta["shots"] == budget["labelled_slices"] == len(collection.slices)
+    # A matched budget may hold as many labelled slices: the folder names the budget.
+    assert folder.name == f"none_2d-nnUNetTrainer_fewsamSmoke_sameslices{meta['shots']}_seed0_smoke"
+    labelled = {
+        case: sorted(s.slice_index for s in collection.slices if s.case_id == case) for case in budget["case_ids"]
+    }
+    assert budget["labelled"] == labelled
+    assert method_label("nnunet", meta["variant"], meta["shots"], budget["name"]).startswith("nnU-Net same slices (")
+    assert "Epoch 0" in (folder / "nnunet_training_log.txt").read_text()
+    assert set(metrics.level) == {"slice", "volume"}
+    assert_predictions_reproduce_the_metrics(folder)
 
 
 def test_3d_fullres_is_selectable_and_runs_plan_train_predict_on_real_volumes(nnunet_smoke_run, hippocampus, tmp_path):

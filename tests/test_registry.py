@@ -144,6 +144,16 @@ def test_runs_that_differ_only_in_training_steps_never_share_a_folder(tmp_path):
     assert smoke.name != "centred" and smoke.name == get_fewshot_variant("centred").with_schedule(steps=60).name
 
 
+def test_a_variant_may_run_its_own_seeds(tmp_path):
+    fewshot = {"backbones": ["mobile_sam"], "variants": ["centred", "located"], "shots": [5], "seeds": [0, 1]}
+    profile = profile_file(tmp_path, fewshot={**fewshot, "variant_seeds": {"centred": [0]}})
+    planned = [(run.variant, run.seed) for run in load_profile(profile).runs()]
+    assert planned == [("centred", 0), ("located", 0), ("located", 1)]
+    broken = profile_file(tmp_path, fewshot={**fewshot, "variant_seeds": {"centered": [0]}})
+    with pytest.raises(FewsamError, match="variant_seeds names 'centered', which is not one of the variants"):
+        load_profile(broken)
+
+
 def test_a_saved_model_of_the_previous_format_still_loads(mobile_sam, tmp_path):
     decoder = mobile_sam.model.mask_decoder
     old = {

@@ -23,6 +23,7 @@ from fewsam_lib.report.benchmark import (
     REPORT_TABLES,
     headline_sentences,
     label_efficiency_figure,
+    nnunet_schedule_table,
     readable_log_ticks,
     replace_block,
     representative_slices,
@@ -30,6 +31,7 @@ from fewsam_lib.report.benchmark import (
     write_report,
     zoom_window,
 )
+from fewsam_lib.report.figures import nnunet_log_curve
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
@@ -312,3 +314,32 @@ def test_nnunet_trainers_may_be_listed_per_budget():
     assert {(budget, variant) for _, budget, variant in nnunet_cells(_profile_from(one_budget_listed))} == {
         ("matched", "2d-nnUNetTrainer_fewsamSmoke")
     }
+
+
+def test_the_nnunet_curve_keeps_nnunets_own_moving_average_and_the_schedule_table_reads_it():
+    """On a committed nnU-Net run: the moving average read from the log is the one nnU-Net printed
+    whenever it was a new best, and the schedule table reports the run's epochs and batch."""
+    folder = next(Path("results/runs/msd_hippocampus/nnunet").glob("*Batch32_shots42_seed0_cpu"))
+    curve = nnunet_log_curve(folder)
+    printed = [
+        float(line.rsplit(":", 1)[1])
+        for line in (folder / "nnunet_training_log.txt").read_text().splitlines()
+        if "New best EMA pseudo Dice" in line
+    ]
+    assert len(curve) == 5 and len(printed) == 5  # a new best after every epoch of this run
+    assert np.allclose(curve.ema_pseudo_dice, printed, atol=2e-4)
+    index = pd.DataFrame(
+        [
+            {
+                "folder": str(folder),
+                "dataset": "msd_hippocampus",
+                "method": "nnunet",
+                "variant": "2d-nnUNetTrainer_fewsam5epochsBatch32",
+                "shots": 42,
+                "budget": "slices40seed0",
+            }
+        ]
+    )
+    (row,) = nnunet_schedule_table(index).to_dict("records")
+    assert row["epochs"] == 5 and row["batch"] == 3 and row["plateau"] == "no"  # still rising at epoch 5
+    assert row["its gain, last fifth"] == pytest.approx(curve.ema_pseudo_dice.iloc[-1] - curve.ema_pseudo_dice.iloc[-2])

@@ -56,6 +56,7 @@ def run_spec(
         profile.name,
         method.shots_of(run, manifest, profile),
         profile.encoder_path_on(device) if method.uses_backbone else None,
+        run.budget,
     )
 
 
@@ -92,6 +93,7 @@ def evaluate(
         profile.name,
         method_run.shots,
         context.encoder_path if method.uses_backbone else None,
+        run.budget,
     )
     case_ids = profile.test_case_ids(manifest)
     if not case_ids:

@@ -103,10 +103,13 @@ class RunSpec:
     profile: str
     shots: int | None = None
     encoder_path: str | None = None  # None for methods without a SAM encoder
+    budget: str | None = None  # nnU-Net's label budget kind (full, matched, same_slices)
 
     @property
     def run_id(self) -> str:
-        shots = f"_shots{self.shots}" if self.shots is not None else ""
+        # same_slices may hold as many labelled slices as matched: its own word keeps the folders apart.
+        count = "sameslices" if self.budget == "same_slices" else "shots"
+        shots = f"_{count}{self.shots}" if self.shots is not None else ""
         # torch-fp32-eager runs keep the names they had before encoder paths existed.
         path = f"_{self.encoder_path}" if self.encoder_path not in (None, RECORDED_BEFORE_PATHS) else ""
         return f"{self.backbone}_{self.variant}{shots}_seed{self.seed}_{self.profile}{path}"
@@ -439,6 +442,7 @@ def verify_run(folder: str | Path, tolerance: float = 1e-9) -> list[str]:
         meta["profile"],
         meta.get("shots"),
         meta.get("encoder_path"),
+        meta.get("budget"),
     )
     problems = []
     for case_id, rows in recorded.groupby("case_id", sort=False):

@@ -45,7 +45,7 @@ from ..encoders.backbones import resized_shape
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError, lookup
 from ..sections import parse_section, positive_int
-from .base import CasePrediction, Method, MethodRun, RunContext, register_method, settings_hash
+from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method, settings_hash
 from .location import (
     LocationMap,
     LocationSettings,
@@ -602,9 +602,20 @@ class FewShotSection:
     shots: tuple[int, ...] = ()
     seeds: tuple[int, ...] = (0,)
     training: dict[str, Any] = field(default_factory=dict)  # overrides of TrainingSettings
+    # Seeds of the variants named here, instead of ``seeds`` (a costly variant may run fewer).
+    variant_seeds: dict[str, list[int]] = field(default_factory=dict)
 
     def check_section(self, where: str) -> None:
         parse_section(TrainingSettings, self.training, f"{where}: training")
+        unplanned = [name for name in self.variant_seeds if name not in self.variants]
+        if unplanned:
+            raise FewsamError(
+                f"{where}: variant_seeds names '{unplanned[0]}', which is not one of the variants "
+                f"({', '.join(self.variants) or 'none'})"
+            )
+
+    def seeds_of(self, variant: str) -> tuple[int, ...]:
+        return tuple(self.variant_seeds.get(variant, self.seeds))
 
 
 class FewShotRun(MethodRun):
@@ -684,6 +695,15 @@ class FewShot(Method):
 
     def labelled_slices(self, meta: dict[str, Any]) -> int | None:
         return meta.get("support_slices")
+
+    def plan(self, manifest: str, section: FewShotSection, backbones: list[str], profile: str) -> list[PlannedRun]:
+        return [
+            PlannedRun(self.name, manifest, backbone, variant, seed, profile, shots)
+            for backbone in backbones
+            for variant in section.variants
+            for shots in section.shots
+            for seed in section.seeds_of(variant)
+        ]
 
     def variant_names(self) -> list[str]:
         return list(FEWSHOT_VARIANTS)

@@ -32,7 +32,6 @@ from ..errors import FewsamError
 from .prompting import bounding_box
 from .sam_decoding import EMBEDDING_GRID
 
-PATCH = 16  # input pixels per embedding cell (SAM's ViT patch size)
 FEATURE_SCALE = 10.0  # unit-norm embeddings times 10: logits of a fresh head start near SAM's scale
 
 
@@ -63,17 +62,23 @@ class LocationSettings:
             raise FewsamError(f"context_pool, slice_smoothing and box_margin cannot be negative, got {self}")
 
 
+def cell_centres(input_size: int) -> torch.Tensor:
+    """(64,): cell centres in input pixels; a cell spans input_size / 64 of them (16 for SAM's
+    1024-pixel input, 4 for LiteMedSAM's 256)."""
+    return (torch.arange(EMBEDDING_GRID) + 0.5) * (input_size / EMBEDDING_GRID)
+
+
 def image_cells(slice_shape: tuple[int, int], input_size: int) -> torch.Tensor:
     """(64, 64) bool: the cells whose centre lies on the image rather than SAM's padding."""
     height, width = resized_shape(*slice_shape, input_size)
-    centres = (torch.arange(EMBEDDING_GRID) + 0.5) * PATCH
+    centres = cell_centres(input_size)
     return (centres[:, None] < height) & (centres[None, :] < width)
 
 
 def cell_positions(slice_shape: tuple[int, int], input_size: int) -> torch.Tensor:
     """(2, 64, 64): each cell centre's (y, x) in [-1, 1] across the image (not the padding)."""
     height, width = resized_shape(*slice_shape, input_size)
-    centres = (torch.arange(EMBEDDING_GRID) + 0.5) * PATCH
+    centres = cell_centres(input_size)
     rows, cols = torch.meshgrid(centres / height * 2 - 1, centres / width * 2 - 1, indexing="ij")
     return torch.stack([rows, cols])
 

@@ -1,9 +1,11 @@
 """The nnU-Net baseline, run by nnunetv2 itself: export a manifest's training split as an nnU-Net
 raw dataset, and match nnU-Net's label budget to the few-shot method's.
 
-nnU-Net needs whole annotated volumes, so a label budget of N labelled slices becomes the
-training volumes, taken in a seeded random order, until together they hold at least N slices that
-contain a task; both counts are reported.
+Budgets: ``full`` (every training volume), ``matched`` (whole training volumes, taken in a seeded
+random order until together they hold at least as many slices that contain a task as the few-shot
+collection; both counts are reported) and ``same_slices`` (the collection's own volumes with only
+its slices labelled and every other voxel nnU-Net's ``ignore`` label, so that nnU-Net and few-shot
+learn from identical labels).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pandas as pd
 from .. import paths
 from ..data.collection import draw_collection
 from ..data.manifest import Manifest
-from ..data.volumes import Volume, slice_table
+from ..data.volumes import Volume, load_case, slice_table
 from ..errors import FewsamError
 from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method
 
@@ -44,10 +46,13 @@ CHANNEL_NAMES = {"CT": "CT"}
 class Budget:
     """The training volumes nnU-Net gets, and how many labelled slices they hold."""
 
-    name: str  # "full" or "slices<N>seed<S>"
+    name: str  # "full", "slices<N>seed<S>" or "sameslices<N>seed<S>"
     case_ids: tuple[str, ...]
     labelled_slices: int
     requested_slices: int | None
+    # same_slices: per case, the labelled slice indices along the manifest's slice axis (canonical
+    # grid); every other voxel is exported as ignore. None: whole volumes are labelled.
+    labelled: dict[str, tuple[int, ...]] | None = None
 
 
 def labelled_slice_counts(manifest: Manifest, case_ids: list[str], table: pd.DataFrame | None = None) -> pd.Series:
@@ -80,6 +85,37 @@ def matched_budget(manifest: Manifest, slices: int, seed: int, table: pd.DataFra
             f"{manifest.path}: the training split holds {total} labelled slices, fewer than the budget of {slices}"
         )
     return Budget(f"slices{slices}seed{seed}", tuple(sorted(chosen)), total, slices)
+
+
+def same_slices_budget(manifest: Manifest, shots: int, seed: int, table: pd.DataFrame | None = None) -> Budget:
+    """The few-shot collection of ``shots`` and ``seed`` as nnU-Net's training data: its volumes,
+    labelled on its slices only."""
+    collection = draw_collection(manifest, shots, seed, table)
+    labelled: dict[str, list[int]] = {}
+    for support in collection.slices:
+        labelled.setdefault(support.case_id, []).append(support.slice_index)
+    return Budget(
+        f"sameslices{len(collection.slices)}seed{seed}",
+        tuple(sorted(labelled)),
+        len(collection.slices),
+        len(collection.slices),
+        {case_id: tuple(sorted(indices)) for case_id, indices in sorted(labelled.items())},
+    )
+
+
+def sparse_label(manifest: Manifest, case_id: str, slice_indices: tuple[int, ...]) -> tuple[Volume, np.ndarray]:
+    """A case's canonical label with only ``slice_indices`` kept and every other voxel ignore."""
+    volume = load_case(manifest, case_id, image=False)
+    sparse = np.full(volume.label.shape, ignore_value(manifest), dtype=np.uint8)
+    kept = [slice(None)] * 3
+    kept[manifest.slice_axis] = list(slice_indices)
+    sparse[tuple(kept)] = volume.label[tuple(kept)]
+    return volume, sparse
+
+
+def ignore_value(manifest: Manifest) -> int:
+    """nnU-Net's ignore label must be the highest label value."""
+    return max(manifest.tasks) + 1
 
 
 def dataset_suffix(manifest: Manifest, budget: Budget) -> str:
@@ -122,14 +158,21 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "imagesTr").mkdir(parents=True)
     (partial / "labelsTr").mkdir()
+    labels = {"background": 0, **{name: value for value, name in manifest.tasks.items()}}
+    if budget.labelled is not None:
+        labels["ignore"] = ignore_value(manifest)
     for case_id in budget.case_ids:
         case = manifest.case(case_id)
         shutil.copyfile(case.image, partial / "imagesTr" / f"{case_id}_0000{FILE_ENDING}")
-        shutil.copyfile(case.label, partial / "labelsTr" / f"{case_id}{FILE_ENDING}")
+        if budget.labelled is None:
+            shutil.copyfile(case.label, partial / "labelsTr" / f"{case_id}{FILE_ENDING}")
+        else:
+            volume, sparse = sparse_label(manifest, case_id, budget.labelled[case_id])
+            volume.save_on_original_grid(sparse, partial / "labelsTr" / f"{case_id}{FILE_ENDING}")
     generate_dataset_json(
         str(partial),
         channel_names={0: CHANNEL_NAMES.get(manifest.modality, manifest.modality)},
-        labels={"background": 0, **{name: value for value, name in manifest.tasks.items()}},
+        labels=labels,
         num_training_cases=len(budget.case_ids),
         file_ending=FILE_ENDING,
         dataset_name=target.name,
@@ -138,6 +181,7 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
         license="see the source dataset",
         converted_by="fewsam",
         fewsam_case_ids=list(budget.case_ids),
+        fewsam_labelled_slices={case: list(indices) for case, indices in (budget.labelled or {}).items()} or None,
     )
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
@@ -208,16 +252,19 @@ def dataset_id_for(folder_suffix: str, raw_root: Path) -> int:
 
 
 def budget_for(manifest: Manifest, budget: str, seed: int, profile: Profile) -> Budget:
-    """``full`` (every training volume) or ``matched`` (the profile's largest few-shot collection)."""
+    """``full`` (every training volume), or ``matched`` / ``same_slices`` sized by the profile's
+    largest few-shot collection of the same seed."""
     if budget == "full":
         return full_budget(manifest)
-    if budget == "matched":
+    if budget in ("matched", "same_slices"):
         shots = max(profile.section("fewshot").shots or [0])
         if not shots:
             raise FewsamError(f"profile {profile.name} has no few-shot runs to match a label budget to")
         table = slice_table(manifest, manifest.case_ids("train"))  # read the label files once for both
+        if budget == "same_slices":
+            return same_slices_budget(manifest, shots, seed, table)
         return matched_budget(manifest, len(draw_collection(manifest, shots, seed, table).slices), seed, table)
-    raise FewsamError(f"unknown nnU-Net label budget '{budget}' (full or matched)")
+    raise FewsamError(f"unknown nnU-Net label budget '{budget}' ({', '.join(BUDGETS)})")
 
 
 def trained_model_folder(roots: dict[str, Path], dataset: str, configuration: str, trainer: str) -> Path:
@@ -249,7 +296,7 @@ class NnUNetVariant:
 
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
-BUDGETS = ("full", "matched")
+BUDGETS = ("full", "matched", "same_slices")
 
 
 @dataclass(frozen=True)
@@ -309,6 +356,7 @@ class NnUNetRun(MethodRun):
                 "labelled_slices": budget.labelled_slices,
                 "requested_slices": budget.requested_slices,
                 "case_ids": list(budget.case_ids),
+                **({"labelled": {case: list(ix) for case, ix in budget.labelled.items()}} if budget.labelled else {}),
             },
             "nnunet_dataset": self.dataset,
         }
@@ -445,7 +493,8 @@ class NnUNet(Method):
             "--budget",
             default="full",
             choices=BUDGETS,
-            help="every training volume, or the few-shot collection's labelled slices",
+            help="every training volume; whole volumes holding as many labelled slices as the few-shot "
+            "collection (matched); or exactly the collection's slices, every other voxel ignored (same_slices)",
         )
 
     def run_from_options(self, options: Any) -> PlannedRun:
@@ -456,7 +505,7 @@ class NnUNet(Method):
 
     def check_request(self, run: PlannedRun) -> None:
         if run.shots is not None:
-            raise FewsamError("--shots is for fewshot runs (nnunet: --budget full or matched)")
+            raise FewsamError(f"--shots is for fewshot runs (nnunet: --budget {' or '.join(BUDGETS)})")
         if run.budget not in BUDGETS:
             raise FewsamError(f"unknown nnU-Net label budget '{run.budget}' ({' or '.join(BUDGETS)})")
         NnUNetVariant.from_name(run.variant)
@@ -479,7 +528,10 @@ class NnUNet(Method):
         return NnUNetRun(context)
 
     def label(self, variant: str, shots: int | None, budget: str | None = None) -> str:
-        kind = "full" if budget == "full" else "matched budget"
+        # ``budget`` is the kind (a command line) or the recorded name ("slices40seed0", "sameslices38seed0").
+        kind = (
+            "full" if budget == "full" else "same slices" if budget and budget.startswith("same") else "matched budget"
+        )
         slices = f"{int(shots)} slices, " if shots is not None else ""
         return f"nnU-Net {kind} ({slices}{NnUNetVariant.from_name(variant).configuration})"
 

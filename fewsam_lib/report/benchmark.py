@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -22,7 +23,7 @@ from ..data.volumes import grey_slices, load_case, take_slice
 from ..errors import FewsamError
 from ..methods.base import get_method
 from .drawing import draw_labels, show_slice
-from .figures import prompting_figure
+from .figures import nnunet_log_curve, prompting_figure
 
 REPORT_TABLES = (
     "main_table.csv",
@@ -33,7 +34,11 @@ REPORT_TABLES = (
     "cost_table.md",
     "ablation.csv",
     "ablation.md",
+    "nnunet_schedules.md",
 )
+# nnU-Net's schedule counts as converged when its moving-average pseudo Dice gained less than this
+# over the last fifth of its epochs (the nnU-Net issue's rule).
+PLATEAU_GAIN = 0.01
 LEVEL_TITLES = {"slice": "per slice (slices that contain the task)", "volume": "per volume (whole 3D label map)"}
 
 
@@ -108,7 +113,17 @@ def _references(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _budgets(index: pd.DataFrame) -> dict[tuple, str]:
     supervised = index[index.role == "supervised"]
-    return {(r.dataset, r.method, r.variant, int(r.shots)): r.budget for r in supervised.itertuples()}
+    budgets: dict[tuple, str] = {}
+    for r in supervised.itertuples():
+        key = (r.dataset, r.method, r.variant, int(r.shots))
+        kind = re.sub(r"[0-9]+", "", r.budget or "")  # seeds of one budget differ in name only
+        if re.sub(r"[0-9]+", "", budgets.setdefault(key, r.budget) or "") != kind:
+            # Their metric rows share every key: the summary would pool two budgets into one row.
+            raise FewsamError(
+                f"{r.dataset}: {r.method} budgets {budgets[key]} and {r.budget} both hold {int(r.shots)} "
+                f"labelled slices with {r.variant}; give one of them another trainer"
+            )
+    return budgets
 
 
 def labelled_summary(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
@@ -498,6 +513,53 @@ def cost_table(index: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=columns)
 
 
+def nnunet_schedule_table(index: pd.DataFrame) -> pd.DataFrame:
+    """Per nnU-Net run: the schedule it ran (from ``run.json``) and whether its moving-average
+    pseudo Dice had stopped rising (gain over the last fifth of the epochs below PLATEAU_GAIN)."""
+    rows = []
+    for run in index[index.method == "nnunet"].itertuples():
+        meta = json.loads((Path(run.folder) / "run.json").read_text())
+        training = meta.get("nnunet_training", {})
+        curve = nnunet_log_curve(run.folder) if (Path(run.folder) / "nnunet_training_log.txt").exists() else None
+        ema = curve.ema_pseudo_dice.dropna().to_numpy() if curve is not None else np.array([])
+        tail = max(1, int(np.ceil(len(ema) / 5)))
+        gain = float(ema[-1] - ema[-1 - tail]) if len(ema) > tail else np.nan
+        rows.append(
+            {
+                "dataset": run.dataset,
+                "label": method_label(run.method, run.variant, run.shots, run.budget),
+                "trainer": run.variant.partition("-")[2],
+                "epochs": max(len(training.get("epoch_seconds") or []), len(curve) if curve is not None else 0),
+                # nnU-Net's debug.json, where these come from, holds them as strings.
+                "iterations per epoch": _integer(training.get("num_iterations_per_epoch")),
+                "batch": _integer(training.get("batch_size")),
+                "precision": training.get("precision") or "fp32",
+                "final pseudo Dice": float(curve.pseudo_dice.iloc[-1]) if curve is not None and len(curve) else np.nan,
+                "moving average": float(ema[-1]) if len(ema) else np.nan,
+                "its gain, last fifth": gain,
+                "plateau": "—" if np.isnan(gain) else "yes" if gain < PLATEAU_GAIN else "no",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _integer(value: Any) -> int | None:
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
+def nnunet_schedule_markdown(schedules: pd.DataFrame) -> str:
+    if schedules.empty:
+        return "No nnU-Net run.\n"
+    shown = schedules.astype(object).where(schedules.notna(), None)
+    return (
+        shown.to_markdown(index=False, floatfmt=".3f", missingval="—") + "\n\n"
+        "Pseudo Dice: nnU-Net's own, on patches of the volumes it validates on after each epoch. These runs "
+        "train fold `all`, so it validates on its own training volumes: the column says whether training had "
+        f"stopped gaining (moving average up by less than {PLATEAU_GAIN} over the last fifth of the epochs), "
+        "not how it generalises.\n"
+    )
+
+
 def cost_table_markdown(costs: pd.DataFrame) -> str:
     shown = costs.astype(object).where(costs.notna(), None)  # tabulate prints None as its missingval
     return (
@@ -663,6 +725,7 @@ def write_report(
     (tables / "ablation.md").write_text(
         ablation_markdown(ablation) + "\n" + ranking_markdown(validation_ranking(ablation))
     )
+    (tables / "nnunet_schedules.md").write_text(nnunet_schedule_markdown(nnunet_schedule_table(index)))
     written.update({name: tables / name for name in REPORT_TABLES})
 
     figure = prompting_figure(with_roles(summary))

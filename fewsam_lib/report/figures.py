@@ -112,8 +112,10 @@ def training_curve(run_folder: str | Path) -> plt.Figure:
     return figure
 
 
-def nnunet_training_curve(run_folder: str | Path) -> plt.Figure:
-    """Train/validation loss and pseudo Dice per epoch, read from nnU-Net's own training log."""
+def nnunet_log_curve(run_folder: str | Path) -> pd.DataFrame:
+    """Per epoch from nnU-Net's own training log: ``train_loss``, ``val_loss``, ``pseudo_dice`` (mean
+    over classes) and ``ema_pseudo_dice``, the moving average nnU-Net keeps its best checkpoint by
+    (0.9 x the previous + 0.1 x the new value)."""
     rows, epoch = [], None
     for line in (Path(run_folder) / "nnunet_training_log.txt").read_text().splitlines():
         _, _, message = line.partition(": ")
@@ -125,17 +127,27 @@ def nnunet_training_curve(run_folder: str | Path) -> plt.Figure:
             rows[-1][words[0]] = float(words[1])
         elif epoch is not None and message.startswith("Pseudo dice"):
             values = [float(v) for v in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", message)]
-            rows[-1]["pseudo_dice"] = float(np.mean(values)) if values else np.nan
-    curve = pd.DataFrame(rows)
+            rows[-1]["pseudo_dice"] = float(np.nanmean(values)) if values else np.nan
+    curve = pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss", "pseudo_dice"])
+    ema = []
+    for value in curve.pseudo_dice:
+        ema.append(value if not ema else 0.9 * ema[-1] + 0.1 * value)
+    return curve.assign(ema_pseudo_dice=ema)
+
+
+def nnunet_training_curve(run_folder: str | Path) -> plt.Figure:
+    """Train/validation loss and pseudo Dice per epoch, read from nnU-Net's own training log."""
+    curve = nnunet_log_curve(run_folder)
     figure, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(9, 3))
     for column in ("train_loss", "val_loss"):
         if column in curve:
             loss_ax.plot(curve.epoch, curve[column], marker="o", label=column)
     loss_ax.set(xlabel="epoch", ylabel="loss (nnU-Net: Dice + CE)", title="nnU-Net training")
     loss_ax.legend(fontsize=8)
-    if "pseudo_dice" in curve:
-        dice_ax.plot(curve.epoch, curve.pseudo_dice, marker="o", color="C2")
+    dice_ax.plot(curve.epoch, curve.pseudo_dice, marker="o", color="C2", label="pseudo Dice")
+    dice_ax.plot(curve.epoch, curve.ema_pseudo_dice, color="C2", alpha=0.5, label="moving average (nnU-Net's)")
     dice_ax.set(xlabel="epoch", ylabel="mean pseudo Dice (validation patches)", ylim=(0, 1))
+    dice_ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
 

@@ -113,11 +113,14 @@ def _references(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _budgets(index: pd.DataFrame) -> dict[tuple, str]:
     supervised = index[index.role == "supervised"]
+
+    def kind(budget: str | None) -> str:  # seeds of one budget differ in name only
+        return re.sub(r"[0-9]+", "", budget or "")
+
     budgets: dict[tuple, str] = {}
     for r in supervised.itertuples():
         key = (r.dataset, r.method, r.variant, int(r.shots))
-        kind = re.sub(r"[0-9]+", "", r.budget or "")  # seeds of one budget differ in name only
-        if re.sub(r"[0-9]+", "", budgets.setdefault(key, r.budget) or "") != kind:
+        if kind(budgets.setdefault(key, r.budget)) != kind(r.budget):
             # Their metric rows share every key: the summary would pool two budgets into one row.
             raise FewsamError(
                 f"{r.dataset}: {r.method} budgets {budgets[key]} and {r.budget} both hold {int(r.shots)} "

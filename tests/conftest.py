@@ -183,6 +183,17 @@ def ct_smoke_runs(openkbp, nnunet_roots, tmp_path_factory) -> list[Path]:
     ]
 
 
+@pytest.fixture(scope="session")
+def within_volume_smoke_runs(tmp_path_factory, openkbp) -> list:
+    """The smoke profile's within-volume runs through 40_within_volume (hippocampus and CT slabs)."""
+    from fewsam_lib.bench.notebooks import run_notebook
+    from fewsam_lib.bench.profiles import load_profile
+
+    results = tmp_path_factory.mktemp("within-volume-results")
+    runs = [run for run in load_profile("smoke").runs() if run.method == "within_volume"]
+    return [run_notebook(run, results_dir=results) for run in runs]
+
+
 def results_dir_of(run_folder: Path) -> Path:
     """results/runs/<dataset>/<method>/<run_id> -> results."""
     return run_folder.parents[3]

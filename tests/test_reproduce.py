@@ -35,12 +35,13 @@ from fewsam_lib.report.figures import nnunet_log_curve
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
-    prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, ct_smoke_runs, tmp_path
+    prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, ct_smoke_runs, within_volume_smoke_runs, tmp_path
 ):
     results = tmp_path / "results"
     hippocampus_runs = [prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run]
     folders = []
-    for run_folder in [run for pair in zip(hippocampus_runs, ct_smoke_runs) for run in pair]:  # the matrix's order
+    in_matrix_order = [run for pair in zip(hippocampus_runs, ct_smoke_runs) for run in pair] + within_volume_smoke_runs
+    for run_folder in in_matrix_order:
         target = results / run_folder.relative_to(results_dir_of(run_folder))
         shutil.copytree(run_folder, target)
         folders.append(target)
@@ -48,6 +49,8 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
         (method, f"data_manifests/{dataset}.yaml")
         for method in ("sam_prompting", "fewshot", "nnunet")
         for dataset in ("msd_hippocampus", "openkbp_hn_ct")
+    ] + [("within_volume", "data_manifests/msd_hippocampus.yaml")] * 4 + [
+        ("within_volume", "data_manifests/openkbp_hn_ct.yaml")
     ]
     stamps = [(folder / "run.json").stat().st_mtime_ns for folder in folders]
 
@@ -82,17 +85,37 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert subprocess.run(["make", "-q", *report[1:]]).returncode == 1
     for dataset in ("msd_hippocampus", "openkbp_hn_ct"):
         assert "slices_with_task" in (results / "datasets" / dataset / "00_dataset_overview.ipynb").read_text()
-    assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {"sam_prompting", "fewshot", "nnunet"}
+    assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {
+        "sam_prompting",
+        "fewshot",
+        "nnunet",
+        "within_volume",
+    }
     assert (results / "figures" / "prompting_iou.png").exists()
 
     # The report: every table and figure, from the run folders alone.
     assert "main_table.md" in (results / "report" / "smoke" / "90_report.ipynb").read_text()
     for name in REPORT_TABLES:
         assert (results / "tables" / name).stat().st_size > 0
-    for name in ("label_efficiency.png", "qualitative_msd_hippocampus.png", "qualitative_openkbp_hn_ct.png"):
+    for name in (
+        "label_efficiency.png",
+        "qualitative_msd_hippocampus.png",
+        "qualitative_openkbp_hn_ct.png",
+        "within_volume.png",
+    ):
         assert (results / "figures" / name).exists()
     table = pd.read_csv(results / "tables" / "main_table.csv")
     assert set(table.level) == {"slice", "volume"}
+    assert not table.label.str.contains("nearest|interpolation|own slices").any()  # the track is kept apart
+    track = pd.read_csv(results / "tables" / "within_volume.csv")
+    assert set(zip(track.dataset, track.variant.str.split("-").str[0])) == {
+        ("msd_hippocampus", "nearest_slice"),
+        ("msd_hippocampus", "interpolation"),
+        ("msd_hippocampus", "sam_box_propagated"),
+        ("msd_hippocampus", "fewshot_located_context_box"),
+        ("openkbp_hn_ct", "interpolation"),
+    }
+    assert set(track.k) == {4} and track.slice_dice.between(0, 1).all()
     assert set(table[table.dataset == "openkbp_hn_ct"].task) == {
         "Brainstem",
         "SpinalCord",

@@ -46,7 +46,8 @@ def run_spec(
     if manifest.evaluated_split == "test":
         manifest = profile.view(manifest)
     variant = method.resolve_variant(run.variant, profile.section(method.name))
-    backbone = run.backbone if method.uses_backbone else "none"
+    uses_encoder = method.needs_backbone(run.variant)
+    backbone = run.backbone if uses_encoder else "none"
     return RunSpec(
         manifest.dataset,
         method.name,
@@ -55,7 +56,7 @@ def run_spec(
         run.seed,
         profile.name,
         method.shots_of(run, manifest, profile),
-        profile.encoder_path_on(device) if method.uses_backbone else None,
+        profile.encoder_path_on(device) if uses_encoder else None,
         run.budget,
     )
 
@@ -78,7 +79,8 @@ def evaluate(
     manifest = load_manifest(manifest_path(run.manifest))
     profile = load_profile(run.profile, manifest.path)
     manifest = profile.view(manifest)  # a validation profile scores validation cases, trains on the rest
-    if method.uses_backbone:
+    uses_encoder = method.needs_backbone(run.variant)
+    if uses_encoder:
         from ..encoders.backbones import get_spec
 
         get_spec(run.backbone)  # an unknown backbone fails before any work
@@ -92,7 +94,7 @@ def evaluate(
         run.seed,
         profile.name,
         method_run.shots,
-        context.encoder_path if method.uses_backbone else None,
+        context.encoder_path if uses_encoder else None,
         run.budget,
     )
     case_ids = profile.test_case_ids(manifest)
@@ -124,6 +126,7 @@ def evaluate(
         prediction = method_run.predict_case(volume, extent)
         volume.save_on_original_grid(prediction.labels, writer.predictions / f"{case_id}.nii.gz")
         scored = list(extent) if prediction.scored_slices is None else prediction.scored_slices
+        writer.record_withheld(case_id, prediction.withheld_slices)
         rows += score_case(
             manifest,
             spec,
@@ -132,5 +135,6 @@ def evaluate(
             slices=scored,
             slice_selection=prediction.slice_selection,
             extent=extent,
+            withheld=prediction.withheld_slices,
         )
     return writer.finish(rows, timings=dict(method_run.timings), extra=dict(method_run.extra))

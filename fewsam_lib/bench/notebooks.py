@@ -60,7 +60,7 @@ def run_notebook(run: PlannedRun, results_dir: str | Path | None = None) -> Path
         "results_dir": str(results_dir),
         **method.notebook_parameters(run),
     }
-    if method.uses_backbone:
+    if method.needs_backbone(run.variant):
         parameters["progress"] = False
     execute(method.notebook, folder / "notebook.ipynb", parameters)
     return folder

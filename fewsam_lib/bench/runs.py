@@ -93,6 +93,11 @@ class IncompleteRun(FewsamError):
     pass
 
 
+# How a run name counts its labels: shots by default; every_kth (the within-volume track) labels
+# every k-th slice, k in ``shots``.
+COUNT_WORDS = {"same_slices": "sameslices", "every_kth": "every"}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     dataset: str
@@ -103,12 +108,12 @@ class RunSpec:
     profile: str
     shots: int | None = None
     encoder_path: str | None = None  # None for methods without a SAM encoder
-    budget: str | None = None  # nnU-Net's label budget kind (full, matched, same_slices)
+    budget: str | None = None  # the label budget kind: nnU-Net's (full, matched, same_slices), every_kth
 
     @property
     def run_id(self) -> str:
         # same_slices may hold as many labelled slices as matched: its own word keeps the folders apart.
-        count = "sameslices" if self.budget == "same_slices" else "shots"
+        count = COUNT_WORDS.get(self.budget, "shots")
         shots = f"_{count}{self.shots}" if self.shots is not None else ""
         # torch-fp32-eager runs keep the names they had before encoder paths existed.
         path = f"_{self.encoder_path}" if self.encoder_path not in (None, RECORDED_BEFORE_PATHS) else ""
@@ -202,6 +207,11 @@ class RunWriter:
         """Note in run.json (``scored_slices``: [start, stop)) when a profile limited a case to a slab."""
         if len(extent) < depth:
             self.meta.setdefault("scored_slices", {})[case_id] = [extent.start, extent.stop]
+
+    def record_withheld(self, case_id: str, slices: list[int]) -> None:
+        """Note in run.json (``withheld_slices``) the slices whose labels a method was given."""
+        if slices:
+            self.meta.setdefault("withheld_slices", {})[case_id] = [int(i) for i in slices]
 
     def finish(
         self, rows: list[dict[str, Any]], timings: dict[str, float], extra: dict[str, Any] | None = None
@@ -359,19 +369,25 @@ def score_case(
     slices: list[int],
     slice_selection: str,
     extent: range | None = None,
+    withheld: list[int] = (),
 ) -> list[dict[str, Any]]:
     """Metric rows of one case from its canonical predicted label map.
 
     Volume rows score the 3D label map (only the slab ``extent`` of slices when a profile limits
-    them); slice rows score each predicted slice (of ``slices``) that contains the task in the
-    ground truth. Tasks the case was not annotated for are predicted but not scored.
+    them, with the ``withheld`` slices, whose labels the method was given, emptied in both maps);
+    slice rows score each predicted slice (of ``slices``) that contains the task in the ground
+    truth. Tasks the case was not annotated for are predicted but not scored.
     """
     axis = manifest.slice_axis
     spacing_2d = tuple(s for i, s in enumerate(volume.spacing) if i != axis)
     gt_by_slice, pred_by_slice = np.moveaxis(volume.label, axis, 0), np.moveaxis(prediction, axis, 0)
     gt_volume, predicted_volume = volume.label, prediction
+    if len(withheld):
+        gt_volume, predicted_volume = gt_volume.copy(), predicted_volume.copy()
+        for array in (gt_volume, predicted_volume):
+            np.moveaxis(array, axis, 0)[list(withheld)] = 0
     if extent is not None and len(extent) < volume.label.shape[axis]:
-        gt_volume, predicted_volume = (np.take(array, extent, axis=axis) for array in (volume.label, prediction))
+        gt_volume, predicted_volume = (np.take(array, extent, axis=axis) for array in (gt_volume, predicted_volume))
     base = {
         "dataset": manifest.dataset,
         "modality": manifest.modality,
@@ -453,10 +469,11 @@ def verify_run(folder: str | Path, tolerance: float = 1e-9) -> list[str]:
         volume = load_case(manifest, case_id)
         prediction = volume.read_on_canonical_grid(prediction_file)
         extent = range(*meta["scored_slices"][case_id]) if case_id in meta.get("scored_slices", {}) else None
+        withheld = meta.get("withheld_slices", {}).get(case_id, [])
         # Every scored slice: score_case keeps those that show a task (the prompted ones, for prompting runs).
-        slices = list(extent or range(volume.label.shape[manifest.slice_axis]))
+        slices = [i for i in (extent or range(volume.label.shape[manifest.slice_axis])) if i not in withheld]
         recomputed = pd.DataFrame(
-            score_case(manifest, spec, volume, prediction, slices, rows.slice_selection.iloc[0], extent)
+            score_case(manifest, spec, volume, prediction, slices, rows.slice_selection.iloc[0], extent, withheld)
         )
         recomputed["slice_index"] = recomputed["slice_index"].astype("Int64")
         keys = ["task", "level", "slice_index"]

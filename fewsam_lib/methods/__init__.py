@@ -10,7 +10,7 @@ def load_builtin_methods() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import fewshot, nnunet, prompting  # noqa: F401
+        from . import fewshot, nnunet, prompting, within_volume  # noqa: F401
 
 
 __all__ = [

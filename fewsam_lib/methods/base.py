@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -72,13 +72,16 @@ class CasePrediction:
     """A method's answer for one test case: a canonical label volume and which slices to score.
 
     ``scored_slices`` None means every slice of the profile's extent; ``slice_selection`` is
-    written into each metric row (``all_slices``, or ``gt_slices`` where a method needs a
-    ground-truth prompt on the slice).
+    written into each metric row (``all_slices``, ``gt_slices`` where a method needs a
+    ground-truth prompt on the slice, ``unlabelled_slices`` where it was given some slices'
+    labels). ``withheld_slices``: slices whose labels the method was given; volume rows leave them
+    out and ``run.json`` records them.
     """
 
     labels: np.ndarray
     scored_slices: list[int] | None = None
     slice_selection: str = "all_slices"
+    withheld_slices: list[int] = field(default_factory=list)  # given to the method: scored by no row
 
 
 class MethodRun:
@@ -142,6 +145,10 @@ class Method:
         """How many labelled training slices a finished run learnt from (``run.json``); None if none."""
         return None
 
+    def needs_backbone(self, variant: str) -> bool:
+        """Whether runs of ``variant`` go through a SAM encoder (and carry a backbone and encoder path)."""
+        return self.uses_backbone
+
     def variant_names(self) -> list[str]:
         """The registered variants (for ``--help`` and error messages)."""
         return [self.default_variant]
@@ -166,7 +173,7 @@ class Method:
 
     def check_request(self, run: PlannedRun) -> None:
         """Refuse a request that cannot make sense for this method, before any work."""
-        if self.uses_backbone and run.backbone in (None, "none"):
+        if self.needs_backbone(run.variant) and run.backbone in (None, "none"):
             raise FewsamError(f"{self.command} runs need --backbone")
 
     def start(self, context: RunContext) -> MethodRun:
@@ -206,7 +213,7 @@ class Method:
     def command_options(self, run: PlannedRun) -> list[str]:
         """The ``fewsam run`` options that reproduce ``run`` (besides manifest, seed, profile)."""
         options = ["--variant", run.variant]
-        if self.uses_backbone:
+        if self.needs_backbone(run.variant):
             options += ["--backbone", run.backbone]
         if run.shots is not None:
             options += ["--shots", str(run.shots)]
@@ -215,7 +222,7 @@ class Method:
     def notebook_parameters(self, run: PlannedRun) -> dict[str, Any]:
         """The method's notebook ``parameters`` cell values for ``run`` (besides the shared ones)."""
         parameters: dict[str, Any] = {"variant": run.variant}
-        if self.uses_backbone:
+        if self.needs_backbone(run.variant):
             parameters["backbone"] = run.backbone
         if run.shots is not None:
             parameters["shots"] = run.shots

@@ -1,0 +1,432 @@
+"""The paper's use case as a benchmark track: label every k-th slice of a volume, segment the rest.
+
+For each test volume, the slices from the first to the last that holds any task (its *extent*,
+within the profile's slab) are labelled every ``k`` slices, the first one drawn with the seed, and
+a labelled slice is labelled for every task (as a person outlining a slice outlines all its
+structures; ``fewsam segment`` reads partial labels the same way). The methods see those slices'
+labels and nothing else of the ground truth: each gets a copy of the volume whose label holds only
+the labelled slices (:class:`SparseLabels`). The scored slices are all the others; labelled
+slices keep their given labels in the saved prediction but are never scored.
+
+A method segments the slices within ``k // 2`` of a labelled slice (every slice between the first
+and the last labelled one, and half a step beyond them); farther slices stay empty. Each method is
+one registered :class:`WithinVolumeVariant`.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..data.volumes import Volume, grey_slices, take_slice, task_voxels_per_slice
+from ..encoders.cache import EmbeddingCache
+from ..errors import FewsamError, lookup
+from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method
+from .fewshot import FewShotVariant, fit_fewshot, get_fewshot_variant
+from .prompting import bounding_box, box_prompt_tokens
+from .sam_decoding import decode_masks, resolve_overlaps
+
+STEPS = (4, 8, 16)
+BUDGET = "every_kth"  # run.json's ``budget``: every k-th slice labelled, k the run's ``shots``
+BOX_GROWTH = 0.10  # sam_box_propagated grows the nearest labelled mask's box by 10% of its size per side
+
+
+def labelled_slice_indices(
+    label: np.ndarray, axis: int, tasks: dict[int, str], step: int, seed: int, case_id: str, extent: range | None = None
+) -> list[int]:
+    """Every ``step``-th slice of the tasks' extent (within ``extent``), from a first slice drawn with
+    ``seed`` among the extent's first ``step`` slices (one draw per case: volumes differ)."""
+    if step < 1:
+        raise FewsamError(f"the labelling step must be at least 1, got {step}")
+    counts = task_voxels_per_slice(label, axis, tasks)
+    holding = [int(i) for i in counts.index[(counts > 0).any(axis=1)] if extent is None or i in extent]
+    if not holding:
+        return []
+    first, last = holding[0], holding[-1]
+    rng = np.random.default_rng([seed, zlib.crc32(case_id.encode())])
+    start = first + int(rng.integers(min(step, last - first + 1)))
+    return list(range(start, last + 1, step))
+
+
+@dataclass(frozen=True)
+class SparseLabels:
+    """The labelled slices of one volume: all a within-volume method may know of its ground truth."""
+
+    axis: int
+    step: int
+    slices: dict[int, np.ndarray]  # slice index -> 2D label map (every task on it)
+
+    @property
+    def indices(self) -> list[int]:
+        return sorted(self.slices)
+
+    def nearest(self, index: int) -> int | None:
+        """The labelled slice nearest to ``index`` (the lower one on a tie), if within ``step // 2``
+        of it or between two labelled slices; else None."""
+        labelled = np.asarray(self.indices)
+        if not len(labelled):
+            return None
+        distance = np.abs(labelled - index)
+        nearest = int(labelled[np.argmin(distance)])  # argmin takes the first: the lower index on a tie
+        inside = labelled[0] <= index <= labelled[-1]
+        return nearest if inside or abs(nearest - index) <= self.step // 2 else None
+
+    def dense(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A label volume with the labelled slices filled and every other voxel 0."""
+        volume = np.zeros(shape, dtype=np.uint8)
+        moved = np.moveaxis(volume, self.axis, 0)
+        for index, labels in self.slices.items():
+            moved[index] = labels
+        return volume
+
+    def reached(self, depth: int) -> list[int]:
+        """The unlabelled slices a method segments (every one :meth:`nearest` reaches)."""
+        return [i for i in range(depth) if i not in self.slices and self.nearest(i) is not None]
+
+
+@dataclass
+class TrackInputs:
+    """What a within-volume method gets for one volume: the image, the labelled slices, the tasks,
+    the run's seed, and a SAM embedding cache for methods that use one."""
+
+    volume: Volume  # its label holds the labelled slices only
+    support: SparseLabels
+    tasks: dict[int, str]
+    seed: int
+    grey: Any  # indices -> encoder-ready grey slices (the manifest's intensity handling)
+    cache: EmbeddingCache | None
+    progress: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.volume.shape
+
+    def empty(self) -> np.ndarray:
+        return np.zeros(self.shape, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class WithinVolumeVariant:
+    """One method of the track. Subclasses set the class variables and override :meth:`segment`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    label: ClassVar[str]  # how the report names it
+    uses_backbone: ClassVar[bool] = False
+
+    def definition(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "uses_backbone": self.uses_backbone}
+
+    def segment(self, inputs: TrackInputs) -> np.ndarray:
+        """The label volume for every slice :meth:`SparseLabels.reached` names (others 0)."""
+        raise NotImplementedError
+
+
+WITHIN_VOLUME_VARIANTS: dict[str, WithinVolumeVariant] = {}
+
+
+def register_within_volume_variant(variant: WithinVolumeVariant) -> WithinVolumeVariant:
+    if variant.name in WITHIN_VOLUME_VARIANTS:
+        raise ValueError(f"within-volume method '{variant.name}' is already registered")
+    WITHIN_VOLUME_VARIANTS[variant.name] = variant
+    return variant
+
+
+def get_within_volume_variant(name: str) -> WithinVolumeVariant:
+    """A registered method by name; a run's full name (``fewshot_centred-1a2b3c4d``) gives its base."""
+    if name not in WITHIN_VOLUME_VARIANTS and "-" in name:
+        name = name.rsplit("-", 1)[0]
+    return lookup(WITHIN_VOLUME_VARIANTS, name, "within-volume method")
+
+
+def _put(volume: np.ndarray, axis: int, index: int, labels: np.ndarray) -> None:
+    np.moveaxis(volume, axis, 0)[index] = labels
+
+
+class NearestSlice(WithinVolumeVariant):
+    name = "nearest_slice"
+    description = "every slice takes the label map of its nearest labelled slice"
+    label = "nearest labelled slice"
+
+    def segment(self, inputs: TrackInputs) -> np.ndarray:
+        support, output = inputs.support, inputs.empty()
+        for index in support.reached(inputs.shape[support.axis]):
+            _put(output, support.axis, index, support.slices[support.nearest(index)])
+        return output
+
+
+class Interpolation(WithinVolumeVariant):
+    name = "interpolation"
+    description = (
+        "ITK's morphological contour interpolation between labelled slices, per task along the slice "
+        "axis; beyond a task's first and last labelled slice, its nearest labelled mask is copied"
+    )
+    label = "interpolation (ITK)"
+
+    def segment(self, inputs: TrackInputs) -> np.ndarray:
+        import itk  # the import takes seconds: only runs of this method pay for it
+
+        support = inputs.support
+        sparse = support.dense(inputs.shape)
+        interpolator = itk.MorphologicalContourInterpolator.New(itk.image_from_array(sparse))
+        interpolator.SetAxis(sparse.ndim - 1 - support.axis)  # ITK indexes axes in reverse of numpy
+        interpolator.SetLabel(0)  # every label
+        interpolator.Update()
+        output = np.asarray(itk.array_from_image(interpolator.GetOutput()), dtype=np.uint8).copy()
+        moved, reach = np.moveaxis(output, support.axis, 0), support.step // 2
+        for value in inputs.tasks:
+            holding = [i for i in support.indices if (support.slices[i] == value).any()]
+            for end in holding[:1] + holding[-1:]:
+                for index in range(max(end - reach, 0), min(end + reach + 1, moved.shape[0])):
+                    if holding[0] <= index <= holding[-1]:
+                        continue
+                    moved[index][(support.slices[end] == value) & (moved[index] == 0)] = value
+        return output
+
+
+def grown_box(mask: np.ndarray, growth: float = BOX_GROWTH) -> np.ndarray:
+    """The pixel-edge box of a non-empty mask, grown by ``growth`` of its size (at least 1 pixel) per
+    side and clipped to the slice."""
+    box = bounding_box(mask)
+    margin = np.maximum(1.0, np.ceil(growth * np.array([box[2] - box[0], box[3] - box[1]])))
+    grown = box + np.array([-margin[0], -margin[1], margin[0], margin[1]])
+    height, width = mask.shape
+    return np.clip(grown, 0, [width, height, width, height])
+
+
+class SamBoxPropagated(WithinVolumeVariant):
+    name = "sam_box_propagated"
+    description = (
+        "SAM on each slice with, per task, the box of the nearest labelled slice's mask grown by 10% "
+        "per side (no box where that mask is empty): a semi-automatic workflow without any prompt "
+        "from the slice itself"
+    )
+    label = "SAM box from nearest labelled slice"
+    uses_backbone = True
+
+    @torch.inference_mode()
+    def segment(self, inputs: TrackInputs) -> np.ndarray:
+        support, output = inputs.support, inputs.empty()
+        model = inputs.cache.backbone.model
+        targets = support.reached(inputs.shape[support.axis])
+        embeddings = inputs.cache.get_many(inputs.grey(targets), progress=inputs.progress, desc="encode")
+        for index, embedding in zip(targets, embeddings):
+            source = support.slices[support.nearest(index)]
+            values = [value for value in inputs.tasks if (source == value).any()]
+            if not values:
+                continue
+            boxes = np.stack([grown_box(source == value) for value in values])
+            sparse, dense = box_prompt_tokens(model, boxes, source.shape)
+            logits, _ = decode_masks(model.mask_decoder, model, embedding, sparse, dense, source.shape)
+            _put(output, support.axis, index, resolve_overlaps(logits[:, 0].cpu().numpy(), values))
+        return output
+
+
+@dataclass(frozen=True)
+class FewShotOnVolume(WithinVolumeVariant):
+    """A few-shot model (``fewsam segment``'s path) trained on the volume's own labelled slices with
+    the few-shot variant's fixed schedule, then run on the slices between and around them."""
+
+    fewshot: FewShotVariant
+    uses_backbone = True
+
+    @property
+    def name(self) -> str:  # a profile's shorter schedule adds its hash, as for few-shot runs
+        return f"fewshot_{self.fewshot.name}"
+
+    @property
+    def description(self) -> str:
+        return f"few-shot variant {self.fewshot.base} trained on this volume's labelled slices"
+
+    @property
+    def label(self) -> str:
+        return f"few-shot {self.fewshot.base} (own slices)"
+
+    def definition(self) -> dict[str, Any]:
+        return {**super().definition(), "fewshot": self.fewshot.definition()}
+
+    def segment(self, inputs: TrackInputs) -> np.ndarray:
+        support, output, cache = inputs.support, inputs.empty(), inputs.cache
+        # A task without a voxel on any labelled slice has nothing to learn from: it stays empty.
+        tasks = {v: name for v, name in inputs.tasks.items() if any((s == v).any() for s in support.slices.values())}
+        targets = support.reached(inputs.shape[support.axis])
+        if not tasks or not targets:
+            return output
+        labelled = list(cache.get_many(inputs.grey(support.indices), progress=inputs.progress, desc="encode labelled"))
+        model, _ = fit_fewshot(
+            cache.backbone.model,
+            cache.spec.name,
+            labelled,
+            [support.slices[i] for i in support.indices],
+            tasks,
+            self.fewshot,
+            inputs.seed,
+            {"slice_axis": support.axis},
+            inputs.progress,
+        )
+        span = range(targets[0], targets[-1] + 1)  # consecutive: a locator smooths across slices
+        embeddings = torch.stack(list(cache.get_many(inputs.grey(span), progress=inputs.progress, desc="encode")))
+        segmented = model.segment_volume(cache.backbone.model, embeddings, inputs.shape, support.axis, span)
+        for index in targets:
+            _put(output, support.axis, index, take_slice(segmented, support.axis, index))
+        return output
+
+
+for _variant in (
+    NearestSlice(),
+    Interpolation(),
+    SamBoxPropagated(),
+    FewShotOnVolume(get_fewshot_variant("centred")),
+    FewShotOnVolume(get_fewshot_variant("located_context_box")),
+):
+    register_within_volume_variant(_variant)
+
+
+@dataclass(frozen=True)
+class WithinVolumeSection:
+    """The ``within_volume`` section of a profile."""
+
+    variants: tuple[str, ...] = ()
+    backbones: tuple[str, ...] = ()  # for the variants that use a SAM encoder
+    steps: tuple[int, ...] = STEPS  # k: every k-th slice labelled
+    seeds: tuple[int, ...] = (0,)
+    training: dict[str, Any] = field(default_factory=dict)  # few-shot methods: changes to their schedule
+
+    def check_section(self, where: str) -> None:
+        for name in self.variants:
+            get_within_volume_variant(name)
+        if any(step < 2 for step in self.steps):
+            raise FewsamError(f"{where}steps: every step must be at least 2 (k=1 leaves nothing to segment)")
+
+
+class WithinVolumeRun(MethodRun):
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        self.variant = WITHIN_VOLUME.resolve_variant(context.run.variant, context.section)
+        self.step = int(context.run.shots)
+        self.backbone = context.run.backbone if self.variant.uses_backbone else "none"
+        self.shots = self.step
+        self.cache = None
+        if self.variant.uses_backbone:
+            self.cache = EmbeddingCache(
+                self.backbone, checkpoint=context.checkpoint, device=context.device, encoder_path=context.encoder_path
+            )
+        self.timings = {"segment": 0.0}
+
+    def parameters(self) -> dict[str, Any]:
+        return {"labelling_step": self.step}
+
+    def provenance(self) -> dict[str, Any]:
+        provenance: dict[str, Any] = {"label_budget": {"kind": BUDGET, "step": self.step}}
+        return {**provenance, **(self.cache.provenance() if self.cache else {})}
+
+    def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
+        manifest, run = self.context.manifest, self.context.run
+        axis = manifest.slice_axis
+        indices = labelled_slice_indices(
+            volume.label, axis, manifest.tasks, self.step, run.seed, volume.case_id, extent
+        )
+        support = SparseLabels(axis, self.step, {i: take_slice(volume.label, axis, i) for i in indices})
+        blind = replace(volume, label=support.dense(volume.shape))  # no scored slice's ground truth leaves here
+        inputs = TrackInputs(
+            blind,
+            support,
+            dict(manifest.tasks),
+            run.seed,
+            lambda wanted: grey_slices(manifest, blind, wanted),
+            self.cache,
+            self.context.progress,
+        )
+        started = time.perf_counter()
+        prediction = self.variant.segment(inputs)
+        self.timings["segment"] += time.perf_counter() - started
+        moved = np.moveaxis(prediction, axis, 0)
+        outside = [i for i in range(volume.shape[axis]) if i not in extent]
+        moved[outside] = 0
+        for index, labels in support.slices.items():
+            moved[index] = labels
+        if self.cache is not None:
+            self.timings["encode"] = self.cache.stats.encode_seconds
+            self.extra["cache"] = self.cache.stats.as_dict()
+        return CasePrediction(
+            prediction,
+            scored_slices=[i for i in extent if i not in support.slices],
+            slice_selection="unlabelled_slices",
+            withheld_slices=indices,
+        )
+
+
+class WithinVolume(Method):
+    name = "within_volume"
+    command = "within-volume"
+    description = "label every k-th slice of a test volume, segment the rest (the paper's use case)"
+    section_key = "within_volume"
+    section_type = WithinVolumeSection
+    notebook = "40_within_volume.ipynb"
+    rank = 3
+    uses_backbone = False  # per variant: see needs_backbone
+    default_variant = "nearest_slice"
+    report_role = "within_volume"
+
+    def needs_backbone(self, variant: str) -> bool:
+        return get_within_volume_variant(variant).uses_backbone
+
+    def variant_names(self) -> list[str]:
+        return list(WITHIN_VOLUME_VARIANTS)
+
+    def resolve_variant(self, name: str, section: WithinVolumeSection | None) -> WithinVolumeVariant:
+        variant = get_within_volume_variant(name)
+        if isinstance(variant, FewShotOnVolume) and section is not None and section.training:
+            return FewShotOnVolume(variant.fewshot.with_schedule(**section.training))
+        return variant
+
+    def plan(self, manifest: str, section: WithinVolumeSection, backbones: list[str], profile: str) -> list[PlannedRun]:
+        return [
+            PlannedRun(self.name, manifest, backbone, variant, seed, profile, step, BUDGET)
+            for variant in section.variants
+            for backbone in (backbones if self.needs_backbone(variant) else ["none"])
+            for step in section.steps
+            for seed in section.seeds
+        ]
+
+    def check_request(self, run: PlannedRun) -> None:
+        variant = get_within_volume_variant(run.variant)
+        if run.shots is None or run.shots < 2:
+            raise FewsamError(f"within-volume runs need --step k (every k-th slice labelled, k >= 2), got {run.shots}")
+        if variant.uses_backbone and run.backbone in (None, "none"):
+            raise FewsamError(f"within-volume method {variant.name} needs --backbone")
+
+    def add_run_options(self, parser: Any) -> None:
+        parser.add_argument("--variant", default=self.default_variant, help=", ".join(self.variant_names()))
+        parser.add_argument("--backbone", default="none", help="for methods that use SAM: mobile_sam, lite_medsam ...")
+        parser.add_argument(
+            "--step", type=int, required=True, help="label every k-th slice (k = 4, 8, 16 in the cpu profile)"
+        )
+
+    def run_from_options(self, options: Any) -> PlannedRun:
+        backbone = options.backbone if self.needs_backbone(options.variant) else "none"
+        return PlannedRun(
+            self.name, options.manifest, backbone, options.variant, options.seed, options.profile, options.step, BUDGET
+        )
+
+    def command_options(self, run: PlannedRun) -> list[str]:
+        options = ["--variant", run.variant, "--step", str(run.shots)]
+        return options + (["--backbone", run.backbone] if self.needs_backbone(run.variant) else [])
+
+    def notebook_parameters(self, run: PlannedRun) -> dict[str, Any]:
+        return {"variant": run.variant, "backbone": run.backbone, "step": run.shots}
+
+    def start(self, context: RunContext) -> WithinVolumeRun:
+        return WithinVolumeRun(context)
+
+    def label(self, variant: str, shots: int | None, budget: str | None = None) -> str:
+        known = WITHIN_VOLUME_VARIANTS.get(variant)
+        return known.label if known else variant
+
+
+WITHIN_VOLUME = register_method(WithinVolume())

@@ -1,0 +1,206 @@
+"""The within-volume track: labelled-slice selection, the blind copy, each method, smoke runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_predictions_reproduce_the_metrics
+
+from fewsam_lib.bench.profiles import load_profile
+from fewsam_lib.bench.runs import load_run
+from fewsam_lib.data.volumes import load_case, task_voxels_per_slice
+from fewsam_lib.errors import FewsamError
+from fewsam_lib.methods import within_volume
+from fewsam_lib.methods.base import PlannedRun, RunContext
+from fewsam_lib.methods.within_volume import (
+    BUDGET,
+    WITHIN_VOLUME,
+    SparseLabels,
+    TrackInputs,
+    get_within_volume_variant,
+    grown_box,
+    labelled_slice_indices,
+)
+
+
+@pytest.fixture(scope="module")
+def test_volume(hippocampus):
+    return load_case(hippocampus, hippocampus.case_ids("test")[0])
+
+
+@pytest.mark.parametrize("step", [4, 8, 16])
+def test_every_kth_slice_of_the_tasks_extent_is_labelled_from_a_seeded_start(hippocampus, test_volume, step):
+    axis = hippocampus.slice_axis
+    counts = task_voxels_per_slice(test_volume.label, axis, hippocampus.tasks)
+    holding = counts.index[(counts > 0).any(axis=1)]
+    first, last = int(holding.min()), int(holding.max())
+    starts = set()
+    for seed in range(12):
+        indices = labelled_slice_indices(test_volume.label, axis, hippocampus.tasks, step, seed, test_volume.case_id)
+        assert indices == labelled_slice_indices(
+            test_volume.label, axis, hippocampus.tasks, step, seed, test_volume.case_id
+        )  # seeded
+        assert first <= indices[0] < first + step and indices[-1] <= last < indices[-1] + step
+        assert np.all(np.diff(indices) == step)
+        starts.add(indices[0])
+    assert len(starts) > 1  # the seed moves the first labelled slice
+
+
+def test_a_step_below_one_is_refused(hippocampus, test_volume):
+    with pytest.raises(FewsamError, match="at least 1"):
+        labelled_slice_indices(test_volume.label, 2, hippocampus.tasks, 0, 0, test_volume.case_id)
+
+
+def _inputs(label: np.ndarray, labelled: list[int], step: int, axis: int = 0) -> TrackInputs:
+    support = SparseLabels(axis, step, {i: np.take(label, i, axis=axis) for i in labelled})
+    return TrackInputs(None, support, {1: "a", 2: "b"}, 0, None, None, False)
+
+
+class _Shape:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _hand_made(depth: int = 17, size: int = 24) -> np.ndarray:
+    """Discs growing along axis 0 (label 1) and a square on the first slices (label 2)."""
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((depth, size, size), dtype=np.uint8)
+    for index in range(depth):
+        label[index][(yy - 12) ** 2 + (xx - 12) ** 2 <= (2 + index * 0.5) ** 2] = 1
+    label[:5, 1:4, 1:4] = 2
+    return label
+
+
+def _segment(name: str, label: np.ndarray, labelled: list[int], step: int) -> np.ndarray:
+    inputs = _inputs(label, labelled, step)
+    inputs.volume = _Shape(label.shape)
+    return get_within_volume_variant(name).segment(inputs)
+
+
+def test_nearest_slice_copies_the_nearest_labelled_slice_and_the_lower_one_on_a_tie():
+    label = _hand_made()
+    predicted = _segment("nearest_slice", label, [2, 6, 10], step=4)
+    for index, source in {1: 2, 3: 2, 4: 2, 5: 6, 8: 6, 9: 10, 11: 10, 12: 10}.items():
+        assert np.array_equal(predicted[index], label[source]), index
+    assert np.array_equal(predicted[0], label[2])  # within half a step before the first labelled slice
+    assert not predicted[13:].any()  # more than half a step beyond the last one
+
+
+def test_interpolation_keeps_a_labelled_slice_and_puts_a_shape_between_two():
+    label = _hand_made()
+    predicted = _segment("interpolation", label, [0, 8, 16], step=8)
+    for index in (0, 8, 16):
+        assert np.array_equal(predicted[index] == 1, label[index] == 1)
+    small, large, middle = (predicted[i] == 1 for i in (0, 8, 4))
+    assert small.sum() < middle.sum() < large.sum()
+    assert not (small & ~middle).any() and not (middle & ~large).any()  # nested discs stay nested
+    # The square ends between slices 0 and 8: copied half a step beyond its only labelled slice.
+    assert (predicted[4] == 2).sum() == 9 and not (predicted[5] == 2).any()
+
+
+def test_a_grown_box_holds_the_mask_with_a_margin_and_stays_on_the_slice():
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[0:5, 8:18] = True
+    x0, y0, x1, y1 = grown_box(mask)
+    assert (x0, y0) == (7, 0) and (x1, y1) == (19, 6)
+
+
+def _blind_prediction(hippocampus, variant: str, label: np.ndarray, test_volume):
+    from dataclasses import replace
+
+    profile = load_profile("smoke").for_dataset(hippocampus.path)
+    run = PlannedRun("within_volume", str(hippocampus.path), "mobile_sam", variant, 0, "smoke", 4, BUDGET)
+    context = RunContext(run, hippocampus, profile, progress=False)
+    extent = profile.scored_slices(hippocampus, test_volume)
+    return WITHIN_VOLUME.start(context).predict_case(replace(test_volume, label=label), extent)
+
+
+@pytest.mark.parametrize("variant", ["nearest_slice", "interpolation", "sam_box_propagated", "fewshot_centred"])
+def test_no_scored_slice_ground_truth_reaches_a_method(hippocampus, test_volume, variant, monkeypatch):
+    true = _blind_prediction(hippocampus, variant, test_volume.label, test_volume)
+    assert true.withheld_slices and not set(true.withheld_slices) & set(true.scored_slices)
+    assert np.moveaxis(true.labels, hippocampus.slice_axis, 0)[true.scored_slices].any()
+    # Which slices get labelled is the protocol's choice (from the tasks' extent), not the method's:
+    # it stays fixed while every scored slice's ground truth turns to noise.
+    monkeypatch.setattr(within_volume, "labelled_slice_indices", lambda *args: true.withheld_slices)
+    scrambled = test_volume.label.copy()
+    moved = np.moveaxis(scrambled, hippocampus.slice_axis, 0)
+    rng = np.random.default_rng(0)
+    for index in true.scored_slices:
+        moved[index] = rng.integers(0, 3, moved[index].shape)
+    changed = _blind_prediction(hippocampus, variant, scrambled, test_volume)
+    assert np.array_equal(changed.labels, true.labels)
+
+
+def test_smoke_runs_score_only_unlabelled_slices_and_reproduce(within_volume_smoke_runs):
+    names = set()
+    for folder in within_volume_smoke_runs:
+        meta, metrics = load_run(folder)
+        names.add((meta["dataset"], meta["variant"].split("-")[0]))
+        assert meta["budget"] == BUDGET and meta["shots"] == 4
+        for case_id, withheld in meta["withheld_slices"].items():
+            rows = metrics[(metrics.case_id == case_id) & (metrics.level == "slice")]
+            assert len(rows) and not set(rows.slice_index.astype(int)) & set(withheld)
+        assert set(metrics.slice_selection) == {"unlabelled_slices"}
+        # Every method finds the anatomy from four labelled slices of the slab (a collapse detector).
+        assert metrics[metrics.level == "slice"].groupby("task").iou.mean().min() > 0.2, folder.name
+        notebook = json.loads((folder / "notebook.ipynb").read_text())
+        assert any(output for cell in notebook["cells"] for output in cell.get("outputs", []))
+        assert_predictions_reproduce_the_metrics(folder)
+    assert names == {
+        ("msd_hippocampus", "nearest_slice"),
+        ("msd_hippocampus", "interpolation"),
+        ("msd_hippocampus", "sam_box_propagated"),
+        ("msd_hippocampus", "fewshot_located_context_box"),
+        ("openkbp_hn_ct", "interpolation"),
+    }
+
+
+def test_a_run_without_a_step_or_a_backbone_it_needs_is_refused():
+    with pytest.raises(FewsamError, match="--step"):
+        WITHIN_VOLUME.check_request(PlannedRun("within_volume", "m.yaml", "none", "nearest_slice", 0, "smoke"))
+    with pytest.raises(FewsamError, match="--backbone"):
+        WITHIN_VOLUME.check_request(
+            PlannedRun("within_volume", "m.yaml", "none", "sam_box_propagated", 0, "smoke", 8, BUDGET)
+        )
+    with pytest.raises(FewsamError, match="unknown within-volume method"):
+        WITHIN_VOLUME.check_request(PlannedRun("within_volume", "m.yaml", "none", "copy", 0, "smoke", 8, BUDGET))
+
+
+def test_the_report_says_plainly_where_few_shot_does_not_beat_copying_or_interpolation():
+    import pandas as pd
+
+    from fewsam_lib.report.benchmark import within_volume_markdown, within_volume_verdicts
+
+    rows = []
+    for k, few, copy, interpolated in ((8, 0.80, 0.70, 0.75), (16, 0.60, 0.65, 0.62), (4, 0.9, 0.1, 0.1)):
+        for variant, value in (
+            ("fewshot_located_context_box", few),
+            ("nearest_slice", copy),
+            ("interpolation", interpolated),
+        ):
+            rows.append(
+                dict(
+                    dataset="d",
+                    task="t",
+                    label=variant,
+                    variant=variant,
+                    backbone="b",
+                    k=k,
+                    slice_dice=value,
+                    volume_dice=value,
+                    n_slices=10,
+                )
+            )
+    table = pd.DataFrame(rows)
+    assert within_volume_verdicts(table) == [
+        "d · t · k=8: fewshot_located_context_box (b) 0.800 beats interpolation 0.750",
+        "d · t · k=16: fewshot_located_context_box (b) 0.600 does not beat nearest_slice 0.650",
+    ]
+    assert "does not beat" in within_volume_markdown(table)
+    assert within_volume_verdicts(table[~table.variant.str.startswith("fewshot")]) == [
+        "d · t · k=8: no few-shot run to compare yet",
+        "d · t · k=16: no few-shot run to compare yet",
+    ]

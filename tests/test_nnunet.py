@@ -306,3 +306,38 @@ def build_trainer(trainer_class, plans: dict, dataset_json: dict):
     trainer = trainer_class({**plans, "continue_training": False}, "2d", 0, dataset_json, torch.device("cpu"))
     trainer._set_batch_size_and_oversample()
     return trainer
+
+
+def test_the_bf16_trainer_runs_its_forward_passes_in_bf16_and_keeps_fp32_weights_and_outputs(
+    nnunet_smoke_run, nnunet_roots
+):
+    import torch
+
+    from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochsBatch32Bf16
+
+    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
+    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    trainer = build_trainer(nnUNetTrainer_fewsam5epochsBatch32Bf16, plans, dataset_json)
+    assert (trainer.num_epochs, trainer.save_every) == (5, 1)  # the fp32 trainer's schedule
+    trainer.initialize()
+    convolution = next(m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    convolution.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    patch = plans["configurations"]["2d"]["patch_size"]
+    outputs = trainer.network(torch.randn(2, 1, *patch))
+    assert seen == [torch.bfloat16]
+    assert all(output.dtype == torch.float32 for output in outputs)  # nnU-Net's losses see fp32
+    assert all(
+        value.dtype == torch.float32 for value in trainer.network.state_dict().values() if value.is_floating_point()
+    )
+
+
+def test_the_bf16_trainer_trains_through_nnunetv2_and_its_checkpoint_predicts(nnunet_roots, tmp_path):
+    folder = run_nnunet(
+        str(HIPPOCAMPUS_MANIFEST), trainer="nnUNetTrainer_fewsamSmokeBf16", budget="matched", results_dir=tmp_path
+    )
+    meta, metrics = load_run(folder)
+    assert "forward passes under bf16 autocast" in (folder / "nnunet_training_log.txt").read_text()
+    assert set(metrics.level) == {"slice", "volume"} and meta["status"] == "complete"
+    assert_predictions_reproduce_the_metrics(folder)

@@ -54,3 +54,15 @@ def test_the_openvino_decoder_candidate_computes_what_the_torch_decoder_computes
         converted = decode(openvino_decoder(model, 2), model, embedding, tokens, (35, 51))
     assert converted.shape == reference.shape == (2, 35, 51)
     assert float((converted - reference).abs().max()) < 1e-3
+
+
+def test_the_nnunet_step_is_timed_in_fp32_and_bf16_only_where_the_cpu_has_native_bf16():
+    from fewsam_lib.bench.speed import bench_nnunet_step
+
+    fp32, bf16 = bench_nnunet_step(repeats=1, batch=2, patch=(32, 32), progress=False)
+    assert (fp32.candidate, fp32.speedup, fp32.seconds > 0) == ("fp32", 1.0, True)
+    assert bf16.candidate == "bf16 autocast forward"
+    if native_bf16():
+        assert bf16.seconds > 0 and bf16.cosine > 0.99
+    else:
+        assert bf16.note.startswith("skipped: this CPU has no native bf16")

@@ -82,3 +82,34 @@ class nnUNetTrainer_fewsam5epochsBatch13(nnUNetTrainer_fewsam5epochsBatch32):
     took an hour)."""
 
     max_batch_size = 13
+
+
+class _Bf16OnCpu(_TrainedOnFoldAll):
+    """The network's forward pass under bf16 autocast on a CPU (nnunetv2 enables mixed precision on
+    CUDA only). Outputs come back as fp32, so nnU-Net's losses, its data pipeline and planning are
+    untouched; weights, optimiser and checkpoints stay fp32, so prediction loads them as usual.
+    Worth it only where the CPU computes bf16 natively (AVX512-BF16 / AMX): elsewhere it is slower."""
+
+    def initialize(self) -> None:
+        super().initialize()
+        if self.device.type != "cpu":
+            return
+        forward = self.network.forward
+
+        def bf16_forward(*args, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = forward(*args, **kwargs)
+            if isinstance(output, (list, tuple)):  # deep supervision: one output per resolution
+                return type(output)(o.float() for o in output)
+            return output.float()
+
+        self.network.forward = bf16_forward
+        self.print_to_log_file(f"{type(self).__name__}: forward passes under bf16 autocast on the CPU")
+
+
+class nnUNetTrainer_fewsam5epochsBatch32Bf16(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):
+    """``nnUNetTrainer_fewsam5epochsBatch32`` with its forward passes in bf16 on a CPU."""
+
+
+class nnUNetTrainer_fewsamSmokeBf16(_Bf16OnCpu, nnUNetTrainer_fewsamSmoke):
+    """``nnUNetTrainer_fewsamSmoke`` in bf16: the pipeline of the bf16 trainers, for tests."""

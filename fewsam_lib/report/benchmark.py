@@ -345,6 +345,18 @@ def readable_log_ticks(ticks: set[int], min_ratio: float = 1.2) -> list[int]:
     return shown
 
 
+def _finish_panels(figure: plt.Figure, axes: np.ndarray, used: int) -> None:
+    """Blank the unused panels, one legend below them all (each label once), and the layout."""
+    for ax in axes.ravel()[used:]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.ravel():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
+    figure.tight_layout(rect=(0, 0.06 + 0.1 / axes.shape[0], 1, 1))
+
+
 def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.Figure:
     """Slice-level IoU against labelled training slices, one panel per dataset and task.
 
@@ -415,15 +427,7 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
             ylabel="IoU (slices with the task)",
             ylim=(0, 1),
         )
-    for ax in axes.ravel()[len(panels) :]:
-        ax.axis("off")
-    handles = {}
-    for ax in axes.ravel():
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
-    rows = -(-len(panels) // columns)
-    figure.tight_layout(rect=(0, 0.06 + 0.1 / rows, 1, 1))
+    _finish_panels(figure, axes, len(panels))
     return figure
 
 
@@ -520,14 +524,7 @@ def within_volume_figure(table: pd.DataFrame) -> plt.Figure | None:
             ylabel="Dice (unlabelled slices)",
             ylim=(0, 1),
         )
-    for ax in axes.ravel()[len(panels) :]:
-        ax.axis("off")
-    handles = {}
-    for ax in axes.ravel():
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
-    figure.tight_layout(rect=(0, 0.06 + 0.1 / rows, 1, 1))
+    _finish_panels(figure, axes, len(panels))
     return figure
 
 

@@ -15,6 +15,10 @@ export FEWSAM_WEIGHTS ?= $(CURDIR)/weights
 export FEWSAM_CONVERTED ?= $(CURDIR)/work/data
 OPENKBP_SOURCE := $(FEWSAM_DATA)/open-kbp/provided-data
 OPENKBP := $(FEWSAM_CONVERTED)/openkbp_hn_ct/conversion.json
+CHEST_XRAY_SOURCE := $(FEWSAM_DATA)/covid-19-chest-xray-segmentations-dataset
+CHEST_XRAY := $(FEWSAM_CONVERTED)/chest_xray/conversion.json
+SPINE_SOURCE := $(FEWSAM_DATA)/fastcleverseg/ImageDatasets/VBs/VB3/Isotropic/Matlab
+SPINE := $(FEWSAM_CONVERTED)/spine_vb3/conversion.json
 
 PROFILE ?= cpu
 
@@ -52,13 +56,21 @@ weights: $(STAMP)
 	$(FEWSAM) weights fetch mobile_sam lite_medsam
 	@for variant in $(SAM); do $(FEWSAM) weights fetch sam_$$variant --download || exit 1; done
 
-data: $(STAMP) $(OPENKBP)
+data: $(STAMP) $(OPENKBP) $(CHEST_XRAY) $(SPINE)
 	$(FEWSAM) data fetch msd_hippocampus
 
 # OpenKBP is published as a git repository (github.com/ababier/open-kbp), not an archive.
 $(OPENKBP): | $(STAMP)
 	@test -d "$(OPENKBP_SOURCE)" || { echo "OpenKBP is missing: git clone https://github.com/ababier/open-kbp $(FEWSAM_DATA)/open-kbp"; exit 1; }
 	$(FEWSAM) convert openkbp "$(OPENKBP_SOURCE)" "$(FEWSAM_CONVERTED)/openkbp_hn_ct"
+
+$(CHEST_XRAY): | $(STAMP)
+	@test -d "$(CHEST_XRAY_SOURCE)" || { echo "the chest X-rays are missing: git clone https://github.com/GeneralBlockchain/covid-19-chest-xray-segmentations-dataset $(CHEST_XRAY_SOURCE)"; exit 1; }
+	$(FEWSAM) convert chest-xray "$(CHEST_XRAY_SOURCE)" "$(FEWSAM_CONVERTED)/chest_xray"
+
+$(SPINE): | $(STAMP)
+	@test -d "$(SPINE_SOURCE)" || { echo "the spine MRI is missing: git clone https://github.com/JonathanRamos/fastcleverseg $(FEWSAM_DATA)/fastcleverseg"; exit 1; }
+	$(FEWSAM) convert spine "$(SPINE_SOURCE)" "$(FEWSAM_CONVERTED)/spine_vb3"
 
 validate: $(STAMP)
 	@for manifest in data_manifests/*.yaml; do $(FEWSAM) validate --quiet $$manifest || exit 1; done

@@ -272,18 +272,19 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .data.convert import convert_openkbp, openkbp_manifest_text
+    from .data.convert import get_converter
     from .paths import REPO_ROOT, converted_root
 
-    destination = args.destination or converted_root() / "openkbp_hn_ct"
-    written = convert_openkbp(args.source, destination, case_ids=args.patients, progress=not args.quiet)
+    converter = get_converter(args.dataset)
+    destination = args.destination or converted_root() / converter.dataset
+    written = converter.convert(args.source, destination, case_ids=args.cases, progress=not args.quiet)
     print(f"written: {written}")
     if args.manifest is not None:
         manifest = Path(args.manifest)
-        manifest.write_text(openkbp_manifest_text(args.source))
+        manifest.write_text(converter.manifest_text(Path(args.source)))
         print(f"written: {manifest}")
-    elif args.patients is None:
-        print(f"manifest: {REPO_ROOT / 'data_manifests' / 'openkbp_hn_ct.yaml'} (regenerate with --manifest)")
+    elif args.cases is None:
+        print(f"manifest: {REPO_ROOT / 'data_manifests' / (converter.dataset + '.yaml')} (regenerate with --manifest)")
     return 0
 
 
@@ -452,15 +453,30 @@ def _results_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_parsers(sub: argparse._SubParsersAction) -> None:
-    convert = sub.add_parser("convert", help="convert a public dataset's original format to NIfTI (openkbp)")
-    convert.add_argument("dataset", choices=["openkbp"])
-    convert.add_argument("source", help="OpenKBP's provided-data folder (with train-pats/ and validation-pats/)")
-    convert.add_argument(
-        "destination", nargs="?", default=None, help="output folder (default: $FEWSAM_CONVERTED/openkbp_hn_ct)"
+    from .data.convert import CONVERTER_NAMES
+
+    convert = sub.add_parser(
+        "convert", help=f"convert a public dataset's original format to NIfTI ({', '.join(CONVERTER_NAMES)})"
     )
-    convert.add_argument("--patients", nargs="+", default=None, help="only these patients, e.g. pt_1 pt_2")
+    convert.add_argument("dataset", choices=CONVERTER_NAMES)
     convert.add_argument(
-        "--manifest", default=None, help="also write the manifest here (data_manifests/openkbp_hn_ct.yaml)"
+        "source",
+        help="openkbp: OpenKBP's provided-data folder; chest-xray: the covid-19-chest-xray-segmentations-dataset "
+        "folder; spine: FastCleverSeg's ImageDatasets/VBs/VB3/Isotropic/Matlab folder",
+    )
+    convert.add_argument(
+        "destination", nargs="?", default=None, help="output folder (default: $FEWSAM_CONVERTED/<dataset>)"
+    )
+    convert.add_argument(
+        "--cases",
+        "--patients",
+        dest="cases",
+        nargs="+",
+        default=None,
+        help="only these cases, into a new folder (e.g. pt_1 pt_2)",
+    )
+    convert.add_argument(
+        "--manifest", default=None, help="also write the manifest here (data_manifests/<dataset>.yaml)"
     )
     convert.add_argument("--quiet", action="store_true")
     convert.set_defaults(handler=_convert)

@@ -39,18 +39,62 @@ def hippocampus_slices(hippocampus):
     return [take_slice(grey, axis, i) for i in labelled[middle - 2 : middle + 2]]
 
 
+# The converted datasets: converter name -> its source under FEWSAM_DATA.
+CONVERTED_SOURCES = {
+    "openkbp": OPENKBP_SOURCE,
+    "chest-xray": Path(os.environ["FEWSAM_DATA"]) / "covid-19-chest-xray-segmentations-dataset",
+    "spine": Path(os.environ["FEWSAM_DATA"])
+    / "fastcleverseg"
+    / "ImageDatasets"
+    / "VBs"
+    / "VB3"
+    / "Isotropic"
+    / "Matlab",
+}
+
+
 @pytest.fixture(scope="session")
-def openkbp(tmp_path_factory):
-    """The OpenKBP manifest over a complete conversion: the user's own if present, else a fresh one."""
+def converted_datasets(tmp_path_factory) -> Path:
+    """A FEWSAM_CONVERTED with a complete conversion of every converted dataset: the user's own
+    where it is complete, fresh ones (in a temporary folder) for the others."""
     from fewsam_lib import paths
-    from fewsam_lib.data.convert import convert_openkbp, is_converted
+    from fewsam_lib.data.convert import get_converter
+
+    user = paths.converted_root()
+    converters = {name: get_converter(name) for name in CONVERTED_SOURCES}
+    complete = {name for name, c in converters.items() if c.is_converted(user / c.dataset, CONVERTED_SOURCES[name])}
+    if complete == set(converters):
+        return user
+    root = tmp_path_factory.mktemp("converted")
+    for name, converter in converters.items():
+        if name in complete:
+            (root / converter.dataset).symlink_to(user / converter.dataset)
+        else:
+            converter.convert(CONVERTED_SOURCES[name], root / converter.dataset, progress=False)
+    os.environ["FEWSAM_CONVERTED"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def openkbp(converted_datasets):
+    """The OpenKBP manifest over a complete conversion."""
     from fewsam_lib.data.manifest import load_manifest
 
-    if not is_converted(paths.converted_root() / "openkbp_hn_ct", OPENKBP_SOURCE):
-        converted = tmp_path_factory.mktemp("converted")
-        convert_openkbp(OPENKBP_SOURCE, converted / "openkbp_hn_ct", progress=False)
-        os.environ["FEWSAM_CONVERTED"] = str(converted)
     return load_manifest(OPENKBP_MANIFEST)
+
+
+@pytest.fixture(scope="session")
+def chest_xray(converted_datasets):
+    from fewsam_lib.data.manifest import load_manifest
+
+    return load_manifest(REPO / "data_manifests" / "chest_xray.yaml")
+
+
+@pytest.fixture(scope="session")
+def spine(converted_datasets):
+    from fewsam_lib.data.manifest import load_manifest
+
+    return load_manifest(REPO / "data_manifests" / "spine_vb3.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from conftest import OPENKBP_MANIFEST, OPENKBP_SOURCE
 
-from fewsam_lib.data.convert import (
+from fewsam_lib.data.convert import ConversionError
+from fewsam_lib.data.manifest import load_manifest
+from fewsam_lib.data.openkbp import (
     OPENKBP_LABELS,
-    ConversionError,
     ConvertedPatient,
     Patient,
     convert_openkbp,
@@ -23,7 +24,6 @@ from fewsam_lib.data.convert import (
     orientation_problems,
     read_patient,
 )
-from fewsam_lib.data.manifest import load_manifest
 from fewsam_lib.errors import ManifestError
 
 TRAIN_PATIENT = "pt_1"  # all five organs contoured

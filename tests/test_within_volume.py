@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,6 +100,37 @@ def test_interpolation_keeps_a_labelled_slice_and_puts_a_shape_between_two():
     assert not (small & ~middle).any() and not (middle & ~large).any()  # nested discs stay nested
     # The square ends between slices 0 and 8: copied half a step beyond its only labelled slice.
     assert (predicted[4] == 2).sum() == 9 and not (predicted[5] == 2).any()
+
+
+REPEATED_INTERPOLATION = """
+import numpy as np
+from fewsam_lib.methods.within_volume import SparseLabels, TrackInputs, get_within_volume_variant
+
+class Shape:
+    def __init__(self, shape):
+        self.shape = shape
+
+rng = np.random.default_rng(0)
+for _ in range(60):
+    depth, height, width = (int(n) for n in rng.integers(9, 40, 3))
+    label = np.zeros((depth, height, width), np.uint8)
+    for index in range(0, depth, 4):
+        for value in (1, 2):
+            y, x = rng.integers(0, height - 8), rng.integers(0, width - 8)
+            label[index, y : y + rng.integers(1, 8), x : x + rng.integers(1, 8)] = value
+    inputs = TrackInputs(None, SparseLabels(0, 4, {i: label[i] for i in range(0, depth, 4)}), {1: "a", 2: "b"},
+                         0, None, None, False)
+    inputs.volume = Shape(label.shape)
+    get_within_volume_variant("interpolation").segment(inputs)
+print("interpolated")
+"""
+
+
+def test_repeated_interpolation_leaves_the_process_intact():
+    # ITK's interpolator, multithreaded, corrupted the heap within a few dozen calls: the process
+    # aborted (in malloc, or at exit), which took a whole test session down with it.
+    done = subprocess.run([sys.executable, "-c", REPEATED_INTERPOLATION], capture_output=True, text=True)
+    assert done.returncode == 0 and "interpolated" in done.stdout, done.stderr[-2000:]
 
 
 def test_a_grown_box_holds_the_mask_with_a_margin_and_stays_on_the_slice():

@@ -3,6 +3,9 @@
 A manifest is a YAML file (see ``data_manifests/`` and the README) naming the dataset, its modality,
 its root folder, the image/label pairs, the label map (one segmentation task per non-background
 label), the 2D slicing axis, the intensity handling and a fixed train/test split.
+
+A dataset of 2D images (``image_dimensions: 2``, e.g. chest X-rays) has no slicing axis: each case
+is one image, stored as a 2D NIfTI, and every method treats it as a single slice.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from ..sections import check_keys
 SPLITS = ("train", "test")
 # Axis of the canonical (RAS+) array that stays fixed within one 2D slice.
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+# A 2D image is held as an array of shape (rows, columns, 1): its one slice lies along axis 2.
+PLANAR_SLICE_AXIS = 2
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")
@@ -85,6 +90,7 @@ class Manifest:
     # "test", or "validation" for a view whose test split is validation cases carved from the
     # training cases (see :meth:`validation_view`); what a run records as the split it scored.
     evaluated_split: str = "test"
+    image_dimensions: int = 3  # 2: every case is one 2D image (slice_axis is then PLANAR_SLICE_AXIS)
 
     @property
     def task_names(self) -> list[str]:
@@ -139,6 +145,7 @@ class Manifest:
             "root": paths.portable(self.root),
             "tasks": {str(k): v for k, v in self.tasks.items()},
             "slice_axis": self.slice_axis,
+            **({"image_dimensions": 2} if self.image_dimensions == 2 else {}),
             "intensity": self.intensity.as_dict(),
             "split_seed": self.split_seed,
             "n_train": len(self.split["train"]),
@@ -277,6 +284,7 @@ MANIFEST_KEYS = (
     "pairs",
     "labels",
     "slice_axis",
+    "image_dimensions",
     "intensity",
     "split",
     "not_annotated",
@@ -358,6 +366,20 @@ def _parse_flag(raw: dict[str, Any], key: str, manifest_path: Path) -> bool:
     return value
 
 
+def parse_dimensions(raw: dict[str, Any], manifest_path: Path) -> tuple[int, int]:
+    """(image_dimensions, slice_axis): a 3D dataset names its slicing axis, a 2D one must not."""
+    dimensions = raw.get("image_dimensions", 3)
+    if dimensions not in (2, 3) or isinstance(dimensions, bool):
+        raise ManifestError(f"{manifest_path}: image_dimensions must be 2 or 3, got {dimensions!r}")
+    if dimensions == 3:
+        return 3, parse_axis(_require(raw, "slice_axis", manifest_path), manifest_path)
+    if raw.get("slice_axis") is not None:
+        raise ManifestError(
+            f"{manifest_path}: a dataset of 2D images (image_dimensions: 2) has no slice_axis; remove it"
+        )
+    return 2, PLANAR_SLICE_AXIS
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and structurally check a manifest. File-level checks live in :func:`validate`."""
     manifest_path = Path(path).resolve()
@@ -392,6 +414,7 @@ def load_manifest(path: str | Path) -> Manifest:
     cases = _parse_pairs(_require(raw, "pairs", manifest_path), root, manifest_path)
     split, seed = _parse_split(_require(raw, "split", manifest_path), cases, manifest_path)
     tasks = parse_labels(_require(raw, "labels", manifest_path), manifest_path)
+    dimensions, slice_axis = parse_dimensions(raw, manifest_path)
     return Manifest(
         path=manifest_path,
         dataset=str(_require(raw, "dataset", manifest_path)),
@@ -399,7 +422,8 @@ def load_manifest(path: str | Path) -> Manifest:
         root=root,
         cases=cases,
         tasks=tasks,
-        slice_axis=parse_axis(_require(raw, "slice_axis", manifest_path), manifest_path),
+        slice_axis=slice_axis,
+        image_dimensions=dimensions,
         intensity=parse_intensity(_require(raw, "intensity", manifest_path), manifest_path),
         split=split,
         split_seed=seed,

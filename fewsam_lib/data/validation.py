@@ -65,6 +65,11 @@ def validate(path: str | Path, progress: bool = True) -> ValidationReport:
             problems.append(str(error))
             continue
         checked += 1
+        if len(volume.original_shape) != manifest.image_dimensions:
+            problems.append(
+                f"{case.image}: a {len(volume.original_shape)}D file of shape {volume.original_shape}, but "
+                f"{manifest.path.name} says image_dimensions: {manifest.image_dimensions}"
+            )
         values, counts = np.unique(volume.label, return_counts=True)
         unexpected = sorted(set(values.tolist()) - known_values)
         if unexpected:

@@ -3,6 +3,10 @@
 Every method sees a case the same way: image and label reoriented to RAS+ with nibabel, checked to
 share a grid, cut into 2D slices along the manifest's axis. Predictions go back to the original
 grid with :meth:`Volume.to_original`.
+
+A 2D NIfTI (a radiograph) is held as (rows, columns, 1) and never reoriented: a projection image
+has no third anatomical axis to sort by, and its rows and columns stay as stored, which is how it
+is displayed.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
         raise VolumeError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {error})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{path}: not a NIfTI image ({type(image).__name__})")
-    if len(image.shape) != 3:
-        raise VolumeError(f"{path}: expected a 3D volume, got shape {image.shape}")
+    if len(image.shape) not in (2, 3):
+        raise VolumeError(f"{path}: expected a 2D image or a 3D volume, got shape {image.shape}")
     return image
 
 
@@ -47,12 +51,14 @@ def read_array(image: nib.Nifti1Image, path: str | Path, dtype: type) -> np.ndar
         raise VolumeError(f"{path}: corrupt NIfTI data ({type(error).__name__}: {error})") from None
 
 
-def _to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reorient to RAS+; returns the array, its affine and the orientation transform used."""
+def _to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient to RAS+ (a 2D image: only gains its singleton axis); returns array and affine."""
+    if array.ndim == 2:
+        return np.ascontiguousarray(array[:, :, None]), affine
     transform = ornt_transform(io_orientation(affine), _RAS)
     canonical = apply_orientation(array, transform)
     canonical_affine = affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
-    return np.ascontiguousarray(canonical), canonical_affine, transform
+    return np.ascontiguousarray(canonical), canonical_affine
 
 
 @dataclass
@@ -64,7 +70,7 @@ class Volume:
     label: np.ndarray | None
     affine: np.ndarray
     original_affine: np.ndarray
-    original_shape: tuple[int, int, int]
+    original_shape: tuple[int, ...]  # (rows, columns) for a 2D image
     image_path: Path | None
     label_path: Path | None
 
@@ -79,6 +85,8 @@ class Volume:
 
     def to_original(self, canonical: np.ndarray) -> np.ndarray:
         """Map an array on the canonical grid back to the grid of the files on disk."""
+        if len(self.original_shape) == 2:
+            return np.ascontiguousarray(canonical[:, :, 0])
         transform = ornt_transform(_RAS, io_orientation(self.original_affine))
         return np.ascontiguousarray(apply_orientation(canonical, transform))
 
@@ -133,7 +141,7 @@ def load_volume(image_path: str | Path | None, label_path: str | Path | None, ca
     reference_array, reference_affine = next(iter(loaded.values()))
     canonical: dict[str, np.ndarray] = {}
     for role, (array, affine) in loaded.items():
-        canonical[role], canonical_affine, _ = _to_canonical(array, affine)
+        canonical[role], canonical_affine = _to_canonical(array, affine)
     return Volume(
         case_id=case_id,
         image=canonical.get("image"),

@@ -171,6 +171,9 @@ class Interpolation(WithinVolumeVariant):
     def segment(self, inputs: TrackInputs) -> np.ndarray:
         import itk  # the import takes seconds: only runs of this method pay for it
 
+        # With more than one thread the interpolator corrupts the heap now and then (a process
+        # that ran it some dozens of times aborts in malloc; tests/test_within_volume.py repeats it).
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
         support = inputs.support
         sparse = support.dense(inputs.shape)
         interpolator = itk.MorphologicalContourInterpolator.New(itk.image_from_array(sparse))

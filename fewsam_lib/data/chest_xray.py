@@ -140,15 +140,18 @@ def find_images(source: str | Path) -> list[XrayImage]:
             source / row["Mask"],
             *(_integer(row[column], column, where) for column in ("Top", "Left", "Width", "Height")),
         )
+        if not mask.mask.is_file():
+            raise ConversionError(f"{where}: mask file {mask.mask} does not exist")
         rows.setdefault(filename, []).append(mask)
     images = []
     for filename, masks in rows.items():
         if filename not in about:
             raise ConversionError(f"{source / 'metadata.csv'}: no row for {filename} (named in {structure_path})")
         patient, view = about[filename]
-        images.append(
-            XrayImage(case_id_for(filename), source / "images" / filename, sizes[filename], tuple(masks), patient, view)
-        )
+        image = source / "images" / filename
+        if not image.is_file():
+            raise ConversionError(f"{structure_path}: names {filename}, which is not in {source / 'images'}")
+        images.append(XrayImage(case_id_for(filename), image, sizes[filename], tuple(masks), patient, view))
     ids = [image.case_id for image in images]
     clashes = sorted({case_id for case_id in ids if ids.count(case_id) > 1})
     if clashes:

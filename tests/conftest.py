@@ -228,6 +228,21 @@ def ct_smoke_runs(openkbp, nnunet_roots, tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def new_dataset_smoke_runs(converted_datasets, nnunet_roots, tmp_path_factory) -> list[list[Path]]:
+    """The smoke profile's SAM, few-shot and nnU-Net runs on the chest X-rays (one image) and the
+    spine MRI (a slab), in that order: [[sam, few-shot, nnU-Net] per dataset]."""
+    from fewsam_lib.bench.notebooks import run_notebook
+    from fewsam_lib.bench.profiles import load_profile
+
+    results = tmp_path_factory.mktemp("new-dataset-results")
+    runs = [run for run in load_profile("smoke").runs() if run.method != "within_volume"]
+    return [
+        [run_notebook(run, results_dir=results) for run in runs if run.manifest.endswith(f"/{dataset}.yaml")]
+        for dataset in ("chest_xray", "spine_vb3")
+    ]
+
+
+@pytest.fixture(scope="session")
 def within_volume_smoke_runs(tmp_path_factory, openkbp) -> list:
     """The smoke profile's within-volume runs through 40_within_volume (hippocampus and CT slabs)."""
     from fewsam_lib.bench.notebooks import run_notebook

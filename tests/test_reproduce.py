@@ -35,12 +35,18 @@ from fewsam_lib.report.figures import nnunet_log_curve
 
 
 def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
-    prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run, ct_smoke_runs, within_volume_smoke_runs, tmp_path
+    prompting_smoke_run,
+    fewshot_smoke_run,
+    nnunet_smoke_run,
+    ct_smoke_runs,
+    new_dataset_smoke_runs,
+    within_volume_smoke_runs,
+    tmp_path,
 ):
     results = tmp_path / "results"
-    hippocampus_runs = [prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run]
+    per_dataset = [[prompting_smoke_run, fewshot_smoke_run, nnunet_smoke_run], ct_smoke_runs, *new_dataset_smoke_runs]
     folders = []
-    in_matrix_order = [run for pair in zip(hippocampus_runs, ct_smoke_runs) for run in pair] + within_volume_smoke_runs
+    in_matrix_order = [runs[method] for method in range(3) for runs in per_dataset] + within_volume_smoke_runs
     for run_folder in in_matrix_order:
         target = results / run_folder.relative_to(results_dir_of(run_folder))
         shutil.copytree(run_folder, target)
@@ -48,9 +54,10 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     assert [(run.method, run.manifest) for run in load_profile("smoke").runs()] == [
         (method, f"data_manifests/{dataset}.yaml")
         for method in ("sam_prompting", "fewshot", "nnunet")
-        for dataset in ("msd_hippocampus", "openkbp_hn_ct")
+        for dataset in ("msd_hippocampus", "openkbp_hn_ct", "chest_xray", "spine_vb3")
     ] + [("within_volume", "data_manifests/msd_hippocampus.yaml")] * 4 + [
-        ("within_volume", "data_manifests/openkbp_hn_ct.yaml")
+        ("within_volume", "data_manifests/openkbp_hn_ct.yaml"),
+        ("within_volume", "data_manifests/spine_vb3.yaml"),
     ]
     stamps = [(folder / "run.json").stat().st_mtime_ns for folder in folders]
 
@@ -62,7 +69,7 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     # make reproduce: one file target per run; complete runs are up to date, a missing one is planned.
     makefile = write_makefile("smoke", tmp_path / "runs-smoke.mk", results)
     assert subprocess.run(["make", "-q", "-f", str(makefile), "runs"]).returncode == 0
-    (folders[3] / ".complete").unlink()
+    (folders[5] / ".complete").unlink()  # few-shot on CT
     planned = subprocess.run(["make", "-n", "-f", str(makefile), "runs"], capture_output=True, text=True).stdout
     assert planned.count("fewsam run") == 1 and "fewsam run fewshot" in planned and "--shots 1" in planned
     assert "openkbp_hn_ct.yaml" in planned
@@ -83,7 +90,7 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     made_at = makefile.with_name("report-smoke.done").stat().st_mtime_ns
     os.utime(folders[0] / ".complete", ns=(made_at + 10**9, made_at + 10**9))  # a run redone a second later
     assert subprocess.run(["make", "-q", *report[1:]]).returncode == 1
-    for dataset in ("msd_hippocampus", "openkbp_hn_ct"):
+    for dataset in ("msd_hippocampus", "openkbp_hn_ct", "chest_xray", "spine_vb3"):
         assert "slices_with_task" in (results / "datasets" / dataset / "00_dataset_overview.ipynb").read_text()
     assert set(pd.read_csv(results / "tables" / "summary.csv").method) == {
         "sam_prompting",
@@ -101,6 +108,8 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
         "label_efficiency.png",
         "qualitative_msd_hippocampus.png",
         "qualitative_openkbp_hn_ct.png",
+        "qualitative_chest_xray.png",
+        "qualitative_spine_vb3.png",
         "within_volume.png",
     ):
         assert (results / "figures" / name).exists()

@@ -373,10 +373,10 @@ def score_case(
 ) -> list[dict[str, Any]]:
     """Metric rows of one case from its canonical predicted label map.
 
-    Volume rows score the 3D label map (only the slab ``extent`` of slices when a profile limits
-    them, with the ``withheld`` slices, whose labels the method was given, emptied in both maps);
-    slice rows score each predicted slice (of ``slices``) that contains the task in the ground
-    truth. Tasks the case was not annotated for are predicted but not scored.
+    Volume rows score the 3D label map (a 2D image: its one plane; only the slab ``extent`` of
+    slices when a profile limits them, with the ``withheld`` slices, whose labels the method was
+    given, emptied in both maps); slice rows score each predicted slice (of ``slices``) that
+    contains the task in the ground truth. Tasks the case was not annotated for are predicted but not scored.
     """
     axis = manifest.slice_axis
     spacing_2d = tuple(s for i, s in enumerate(volume.spacing) if i != axis)
@@ -388,6 +388,10 @@ def score_case(
             np.moveaxis(array, axis, 0)[list(withheld)] = 0
     if extent is not None and len(extent) < volume.label.shape[axis]:
         gt_volume, predicted_volume = (np.take(array, extent, axis=axis) for array in (gt_volume, predicted_volume))
+    volume_spacing = volume.spacing
+    if manifest.image_dimensions == 2:  # its surface lies in its plane, not on a one-slice slab's faces
+        gt_volume, predicted_volume = (np.take(array, 0, axis=axis) for array in (gt_volume, predicted_volume))
+        volume_spacing = spacing_2d
     base = {
         "dataset": manifest.dataset,
         "modality": manifest.modality,
@@ -408,7 +412,7 @@ def score_case(
                 "task": task,
                 "level": "volume",
                 "slice_index": None,
-                **score(gt_volume == value, predicted_volume == value, volume.spacing).as_dict(),
+                **score(gt_volume == value, predicted_volume == value, volume_spacing).as_dict(),
             }
         )
         for index in slices:

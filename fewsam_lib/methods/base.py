@@ -137,9 +137,18 @@ class Method:
     reference_variants: ClassVar[tuple[str, ...]] = ()
 
     def draw_example(
-        self, ax: Any, meta: dict[str, Any], case_id: str, slice_index: int, mask: np.ndarray, value: int
+        self,
+        ax: Any,
+        meta: dict[str, Any],
+        case_id: str,
+        slice_index: int,
+        mask: np.ndarray,
+        value: int,
+        planar: bool = False,
     ) -> None:
-        """Draw on a run's example prediction what made it, beyond the image (nothing by default)."""
+        """Draw on a run's example prediction what made it, beyond the image (nothing by default).
+
+        ``planar``: the slice is a 2D image, drawn as displayed (see report.drawing)."""
 
     def labelled_slices(self, meta: dict[str, Any]) -> int | None:
         """How many labelled training slices a finished run learnt from (``run.json``); None if none."""

@@ -267,8 +267,17 @@ def budget_for(manifest: Manifest, budget: str, seed: int, profile: Profile) -> 
     raise FewsamError(f"unknown nnU-Net label budget '{budget}' ({', '.join(BUDGETS)})")
 
 
-def trained_model_folder(roots: dict[str, Path], dataset: str, configuration: str, trainer: str) -> Path:
-    return roots["results"] / dataset / f"{trainer}__{PLANS}__{configuration}"
+def trained_model_folder(
+    roots: dict[str, Path], dataset: str, configuration: str, trainer: str, plans: str = PLANS
+) -> Path:
+    return roots["results"] / dataset / f"{trainer}__{plans}__{configuration}"
+
+
+def plans_name(target_spacing: tuple[float, ...] | None) -> str:
+    """nnU-Net's plans identifier: its default, or one named after an overridden target spacing."""
+    if target_spacing is None:
+        return PLANS
+    return f"{PLANS}_spacing" + "x".join(f"{value:g}" for value in target_spacing)
 
 
 @dataclass(frozen=True)
@@ -309,6 +318,10 @@ class NnUNetSection:
     budgets: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     disable_tta: bool = False  # predict without nnU-Net's mirroring (4x faster in 2d)
+    # nnU-Net's target spacing, one value per axis in nnU-Net's order (a 2D image: 999 first, then
+    # rows and columns), instead of the median spacing it plans for (its -overwrite_target_spacing,
+    # which the 2d configuration follows too). Coarser spacing = smaller images and patches.
+    target_spacing: tuple[float, ...] | None = None
 
     def trainers_for(self, budget: str) -> list[str]:
         if isinstance(self.trainers, dict):
@@ -337,6 +350,9 @@ class NnUNetRun(MethodRun):
         dataset_id = dataset_id_for(dataset_suffix(manifest, self.budget), self.roots["raw"])
         self.dataset_id, self.dataset = dataset_id, dataset_folder_name(dataset_id, manifest, self.budget)
         self.disable_tta = context.section.disable_tta
+        spacing = context.section.target_spacing
+        self.target_spacing = tuple(float(value) for value in spacing) if spacing else None
+        self.plans = plans_name(self.target_spacing)
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -345,6 +361,7 @@ class NnUNetRun(MethodRun):
             "budget": self.context.run.budget or "full",
             "fold": self.fold,
             "test_time_mirroring": not self.disable_tta,
+            **({"target_spacing": list(self.target_spacing)} if self.target_spacing else {}),
         }
 
     def provenance(self) -> dict[str, Any]:
@@ -365,7 +382,7 @@ class NnUNetRun(MethodRun):
         manifest, roots, env, dataset = self.context.manifest, self.roots, self.env, self.dataset
         configuration, trainer = self.variant.configuration, self.variant.trainer
         dataset_id = str(self.dataset_id)
-        plans = roots["preprocessed"] / dataset / f"{PLANS}.json"
+        plans = roots["preprocessed"] / dataset / f"{self.plans}.json"
         exported = roots["raw"] / dataset / "dataset.json"
         if plans.exists() and (
             not exported.exists()
@@ -379,11 +396,12 @@ class NnUNetRun(MethodRun):
         self.log = log = writer.folder / "nnunet_commands.log"
         log.write_text("")
         timings = self.timings
-        preprocessed_marker = roots["preprocessed"] / dataset / f".fewsam_preprocessed_{configuration}"
+        plans_part = "" if self.plans == PLANS else f"{self.plans}_"
+        preprocessed_marker = roots["preprocessed"] / dataset / f".fewsam_preprocessed_{plans_part}{configuration}"
         if not preprocessed_marker.exists():
             # nnU-Net writes its preprocessed cases one by one: a folder left by an interrupted call
             # holds some of them, so only the marker written after success counts as done.
-            shutil.rmtree(roots["preprocessed"] / dataset / f"{PLANS}_{configuration}", ignore_errors=True)
+            shutil.rmtree(roots["preprocessed"] / dataset / f"{self.plans}_{configuration}", ignore_errors=True)
             if not plans.exists():
                 export_raw_dataset(manifest, self.budget, self.dataset_id, roots["raw"])
             timings["plan_and_preprocess"] = run_nnunet_command(
@@ -400,19 +418,34 @@ class NnUNetRun(MethodRun):
                     # doubled the whole call (74 s against 33 s on a 10-slice dataset; same fingerprint).
                     "-npfp",
                     NNUNET_PROCESSES,
+                    *self.plans_options(),
                 ],
                 log,
                 env,
             )
             preprocessed_marker.write_text(f"nnUNetv2_plan_and_preprocess -c {configuration} finished\n")
-        self.fold_folder = trained_model_folder(roots, dataset, configuration, trainer) / f"fold_{self.fold}"
+        self.fold_folder = (
+            trained_model_folder(roots, dataset, configuration, trainer, self.plans) / f"fold_{self.fold}"
+        )
         self.trained_from_scratch = False
         device = self.context.device
         if not (self.fold_folder / "checkpoint_final.pth").exists():
             resume = ["--c"] if (self.fold_folder / "checkpoint_latest.pth").exists() else []
             self.trained_from_scratch = not resume
             timings["train"] = run_nnunet_command(
-                ["nnUNetv2_train", dataset_id, configuration, self.fold, "-tr", trainer, "-device", device, *resume],
+                [
+                    "nnUNetv2_train",
+                    dataset_id,
+                    configuration,
+                    self.fold,
+                    "-tr",
+                    trainer,
+                    "-p",
+                    self.plans,
+                    "-device",
+                    device,
+                    *resume,
+                ],
                 log,
                 env,
             )
@@ -434,6 +467,8 @@ class NnUNetRun(MethodRun):
                 configuration,
                 "-tr",
                 trainer,
+                "-p",
+                self.plans,
                 "-f",
                 self.fold,
                 "-device",
@@ -453,6 +488,13 @@ class NnUNetRun(MethodRun):
         if not self.trained_from_scratch:  # finished or begun by an earlier call: its time is in nnU-Net's logs
             timings["train"] = sum(training["epoch_seconds"])
         self.extra["nnunet_training"] = training
+
+    def plans_options(self) -> list[str]:
+        """nnUNetv2_plan_and_preprocess options for an overridden target spacing (none by default)."""
+        if self.target_spacing is None:
+            return []
+        spacing = [f"{value:g}" for value in self.target_spacing]
+        return ["-overwrite_target_spacing", *spacing, "-overwrite_plans_name", self.plans]
 
     def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
         output = self.inputs / "predicted" / f"{volume.case_id}{FILE_ENDING}"
@@ -568,5 +610,6 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     plans = fold_folder.parent / "plans.json"  # the trained configuration's patch is not in debug.json
     configuration = settings.get("configuration_name")
     if plans.exists() and configuration:
-        record["patch_size"] = json.loads(plans.read_text())["configurations"].get(configuration, {}).get("patch_size")
+        planned = json.loads(plans.read_text())["configurations"].get(configuration, {})
+        record["patch_size"], record["spacing"] = planned.get("patch_size"), planned.get("spacing")
     return record

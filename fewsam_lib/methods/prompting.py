@@ -237,16 +237,14 @@ def predict_masks(
     return logits[picked, choice].numpy(), predicted_iou[picked, choice].numpy()
 
 
-def draw_prompt(ax, prompt: Prompt) -> None:
-    """A prompt's points (star: positive, cross: negative) and box on a transposed slice display."""
-    import matplotlib.pyplot as plt
+def draw_prompt(ax, prompt: Prompt, planar: bool = False) -> None:
+    """A prompt's points (star: positive, cross: negative) and box on a slice drawn by show_slice."""
+    from ..report.drawing import draw_box, draw_point
 
     for (x, y), positive in zip(prompt.points, prompt.labels):
-        # Prompt x is a slice column, drawn vertically in the transposed display.
-        ax.plot(y - 0.5, x - 0.5, marker="*" if positive else "x", color="yellow", markersize=9)
+        draw_point(ax, x - 0.5, y - 0.5, planar, marker="*" if positive else "x", color="yellow", markersize=9)
     if prompt.box is not None:
-        x0, y0, x1, y1 = prompt.box - 0.5
-        ax.add_patch(plt.Rectangle((y0, x0), y1 - y0, x1 - x0, fill=False, edgecolor="yellow", linewidth=1))
+        draw_box(ax, prompt.box - 0.5, planar, edgecolor="yellow", linewidth=1)
 
 
 @dataclass(frozen=True)
@@ -333,9 +331,11 @@ class SamPrompting(Method):
     def variant_names(self) -> list[str]:
         return list(PROMPT_VARIANTS)
 
-    def draw_example(self, ax, meta: dict, case_id: str, slice_index: int, mask: np.ndarray, value: int) -> None:
+    def draw_example(
+        self, ax, meta: dict, case_id: str, slice_index: int, mask: np.ndarray, value: int, planar: bool = False
+    ) -> None:
         prompt = make_prompt(mask, get_variant(meta["variant"]), prompt_rng(meta["seed"], case_id, slice_index, value))
-        draw_prompt(ax, prompt)
+        draw_prompt(ax, prompt, planar)
 
     def resolve_variant(self, name: str, section: PromptingSection) -> PromptVariant:
         return get_variant(name)

@@ -309,6 +309,11 @@ class WithinVolumeSection:
 
 class WithinVolumeRun(MethodRun):
     def __init__(self, context: RunContext) -> None:
+        if context.manifest.image_dimensions == 2:
+            raise FewsamError(
+                f"{context.manifest.path}: a dataset of 2D images has one slice per case, so no other slice "
+                f"of it to label; the within-volume track needs volumes"
+            )
         super().__init__(context)
         self.variant = WITHIN_VOLUME.resolve_variant(context.run.variant, context.section)
         self.step = int(context.run.shots)

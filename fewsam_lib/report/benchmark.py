@@ -715,13 +715,14 @@ def qualitative_grid(
             for run in shown
         ]
         crop = zoom_window(grey, [truth, *predictions])
-        show_slice(row_axes[0], grey[crop], f"{pick.case_id} slice {index_}")
-        show_slice(row_axes[1], grey[crop], "ground truth")
-        draw_labels(row_axes[1], truth[crop].T, manifest.tasks)
+        planar = manifest.image_dimensions == 2
+        show_slice(row_axes[0], grey[crop], f"{pick.case_id} slice {index_}", planar)
+        show_slice(row_axes[1], grey[crop], "ground truth", planar)
+        draw_labels(row_axes[1], truth[crop], manifest.tasks, planar)
         for ax, run, predicted in zip(row_axes[2:], shown, predictions):
             label = method_label(run.method, run.variant, run.shots, run.budget)
-            show_slice(ax, grey[crop], f"{label}\n{run.backbone}" if run.backbone != "none" else label)
-            draw_labels(ax, predicted[crop].T, manifest.tasks)
+            show_slice(ax, grey[crop], f"{label}\n{run.backbone}" if run.backbone != "none" else label, planar)
+            draw_labels(ax, predicted[crop], manifest.tasks, planar)
     figure.suptitle(
         f"{dataset}: worst, median and best slice by IoU averaged over the runs shown; every column is one run",
         fontsize=9,

@@ -48,13 +48,14 @@ def run_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
         predicted = volume.read_on_canonical_grid(Path(run_folder) / "predictions" / f"{row.case_id}.nii.gz")
         pred = take_slice(predicted, manifest.slice_axis, row.slice_index)
         value = manifest.label_of(row.task)
-        show_slice(row_axes[0], grey, f"{row.case_id} slice {row.slice_index}")
-        show_slice(row_axes[1], grey, "ground truth")
-        draw_labels(row_axes[1], gt.T, manifest.tasks)
-        show_slice(row_axes[2], grey, f"{row.task}: Dice {row.dice:.2f}")
-        draw_labels(row_axes[2], pred.T, manifest.tasks)
-        draw_contour(row_axes[2], (gt == value).T)
-        method.draw_example(row_axes[2], meta, row.case_id, int(row.slice_index), gt == value, value)
+        planar = manifest.image_dimensions == 2
+        show_slice(row_axes[0], grey, f"{row.case_id} slice {row.slice_index}", planar)
+        show_slice(row_axes[1], grey, "ground truth", planar)
+        draw_labels(row_axes[1], gt, manifest.tasks, planar)
+        show_slice(row_axes[2], grey, f"{row.task}: Dice {row.dice:.2f}", planar)
+        draw_labels(row_axes[2], pred, manifest.tasks, planar)
+        draw_contour(row_axes[2], gt == value, planar)
+        method.draw_example(row_axes[2], meta, row.case_id, int(row.slice_index), gt == value, value, planar)
     shots = f" · {meta['shots']} shots" if meta.get("shots") is not None else ""
     figure.suptitle(
         f"{meta['backbone']} · {meta['method']} {meta['variant']}{shots} · seed {meta['seed']} · {meta['profile']}",
@@ -78,8 +79,9 @@ def collection_figure(run_folder: str | Path, limit: int = 10) -> plt.Figure:
     for ax, support in zip(axes.ravel(), slices):
         case_id, index = support["case_id"], support["slice_index"]
         volume = volumes.setdefault(case_id, load_case(manifest, case_id))
-        show_slice(ax, grey_slices(manifest, volume, [index])[0], f"{case_id} slice {index}")
-        draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
+        planar = manifest.image_dimensions == 2
+        show_slice(ax, grey_slices(manifest, volume, [index])[0], f"{case_id} slice {index}", planar)
+        draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index), manifest.tasks, planar)
     total = len(meta["collection"]["slices"])
     figure.suptitle(
         f"few-shot collection: {meta['shots']} slices per task, seed {meta['seed']} "
@@ -241,8 +243,9 @@ def example_overlays(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
         index = int(rows.slice_index.iloc[int(np.argmax(rows[manifest.task_names].sum(axis=1)))])
         volume = load_case(manifest, case_id)
         grey = grey_slices(manifest, volume, [index])[0]
-        show_slice(ax, grey, f"{case_id} slice {index}")
-        draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index).T, manifest.tasks)
+        planar = manifest.image_dimensions == 2
+        show_slice(ax, grey, f"{case_id} slice {index}", planar)
+        draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index), manifest.tasks, planar)
     handles = [plt.matplotlib.patches.Patch(color=c, label=t) for c, t in zip(TASK_COLOURS, manifest.task_names)]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     figure.tight_layout(rect=(0, 0.08, 1, 1))

@@ -20,7 +20,7 @@ def test_every_method_runs_on_both_new_datasets_and_its_predictions_reproduce(ne
             (spine, "spine_vb3", {"L1", "L2", "L3", "L4", "L5"}),
         ):
             meta, metrics = load_run(folder)
-            assert (meta["method"], meta["dataset"]["dataset"], meta["status"]) == (method, dataset, "complete")
+            assert (meta["method"], meta["dataset"], meta["status"]) == (method, dataset, "complete")
             assert set(metrics.task) == tasks
             assert_predictions_reproduce_the_metrics(folder)
 

@@ -105,7 +105,7 @@ RUNS_MK := work/make/runs-$(PROFILE).mk
 
 # The plan reads every dataset of the profile, so the converted datasets come first: on a fresh
 # clone `make setup && make reproduce` needs no third command.
-$(RUNS_MK): fewsam_lib/profiles/$(PROFILE).yaml $(wildcard data_manifests/*.yaml) | $(STAMP) $(OPENKBP)
+$(RUNS_MK): fewsam_lib/profiles/$(PROFILE).yaml $(wildcard data_manifests/*.yaml) | $(STAMP) $(OPENKBP) $(CHEST_XRAY) $(SPINE)
 	$(FEWSAM) reproduce --profile $(PROFILE) --makefile $@
 
 reproduce: $(RUNS_MK)

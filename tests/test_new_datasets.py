@@ -52,3 +52,23 @@ def test_the_within_volume_track_refuses_a_dataset_of_2d_images(chest_xray):
     run = PlannedRun("within_volume", str(chest_xray.path), "none", "nearest_slice", 0, "smoke", 4, "every_kth")
     with pytest.raises(FewsamError, match="2D images has one slice per case"):
         WITHIN_VOLUME.start(RunContext(run, chest_xray, profile, progress=False))
+
+
+def test_fewsam_segment_labels_a_users_radiograph_from_one_labelled_one(chest_xray, tmp_path):
+    import nibabel as nib
+
+    from fewsam_lib.cli import main
+
+    support, query = chest_xray.case("ARDSSevere"), chest_xray.case("2966893D-5DDF-4B68-9E2B-4979D5956C8E")
+    labels = ",".join(f"{value}={name}" for value, name in chest_xray.tasks.items())
+    out = tmp_path / "segmented.nii.gz"
+    arguments = ["segment", "--support", str(support.image), "--support-labels", str(support.label)]
+    assert main([*arguments, "--query", str(query.image), "--out", str(out), "--labels", labels, "--steps", "20"]) == 0
+    predicted = np.asarray(nib.load(str(out)).dataobj)
+    truth = np.asarray(nib.load(str(query.label)).dataobj)
+    assert predicted.shape == truth.shape and predicted.ndim == 2  # a 2D image in, a 2D label map out
+    for value in (1, 2):  # both lungs, from one labelled radiograph of another patient
+        dice = (
+            2 * ((predicted == value) & (truth == value)).sum() / ((predicted == value).sum() + (truth == value).sum())
+        )
+        assert dice > 0.7, (value, dice)

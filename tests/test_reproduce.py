@@ -123,6 +123,7 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
         ("msd_hippocampus", "sam_box_propagated"),
         ("msd_hippocampus", "fewshot_located_context_box"),
         ("openkbp_hn_ct", "interpolation"),
+        ("spine_vb3", "interpolation"),
     }
     assert set(track.k) == {4} and track.slice_dice.between(0, 1).all()
     assert set(table[table.dataset == "openkbp_hn_ct"].task) == {

@@ -191,6 +191,7 @@ def test_smoke_runs_score_only_unlabelled_slices_and_reproduce(within_volume_smo
         ("msd_hippocampus", "sam_box_propagated"),
         ("msd_hippocampus", "fewshot_located_context_box"),
         ("openkbp_hn_ct", "interpolation"),
+        ("spine_vb3", "interpolation"),
     }
 
 

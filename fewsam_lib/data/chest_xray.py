@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .convert import (
     ConversionError,
     Converter,
-    check_requested,
+    cases_to_convert,
     is_converted_by,
     source_digest,
     staged_conversion,
@@ -255,16 +255,11 @@ def convert_chest_xray(
 ) -> Path:
     """Write ``imagesTr/``, ``labelsTr/`` (2D NIfTI), ``dataset.json`` and a stamp under ``destination``."""
     source, destination = Path(source).resolve(), Path(destination).resolve()
-    images = find_images(source)
-    check_requested(case_ids, [image.case_id for image in images], source)
-    if case_ids is not None:
-        images = [image for image in images if image.case_id in case_ids]
-    elif is_converted(destination, source):
+    images = cases_to_convert(find_images(source), case_ids, lambda: is_converted(destination, source), source)
+    if images is None:
         return destination
     structure_path = source / "structure.csv"
     with staged_conversion(destination, partial=case_ids is not None) as scratch:
-        (scratch / "imagesTr").mkdir()
-        (scratch / "labelsTr").mkdir()
         problems = []
         for image in tqdm(images, desc="convert chest X-rays", unit="image", disable=not progress):
             grey = read_grey(image)

@@ -19,8 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import FewsamError
+
+CaseT = TypeVar("CaseT")
 
 CONVERSION_FILE = "conversion.json"
 
@@ -52,7 +55,8 @@ def is_converted_by(destination: str | Path, version: int, digest: str) -> bool:
 
 @contextmanager
 def staged_conversion(destination: Path, partial: bool) -> Iterator[Path]:
-    """A scratch folder that replaces ``destination`` when the block ends without an error.
+    """A scratch folder (with empty ``imagesTr/`` and ``labelsTr/``) that replaces ``destination``
+    when the block ends without an error.
 
     ``partial`` (a subset of the cases) may only go to a new folder, so that it never replaces a
     complete conversion; a folder that is not a fewsam conversion is never replaced.
@@ -69,6 +73,8 @@ def staged_conversion(destination: Path, partial: bool) -> Iterator[Path]:
     destination.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
     try:
+        (scratch / "imagesTr").mkdir()
+        (scratch / "labelsTr").mkdir()
         yield scratch
         if destination.exists():
             shutil.rmtree(destination)
@@ -111,11 +117,17 @@ def write_dataset_files(
     (folder / CONVERSION_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
-def check_requested(requested: list[str] | None, available: list[str], source: Path) -> None:
-    """Refuse case ids the source does not have, naming them."""
-    unknown = sorted(set(requested or []) - set(available))
+def cases_to_convert(
+    found: list[CaseT], requested: list[str] | None, complete: Callable[[], bool], source: Path
+) -> list[CaseT] | None:
+    """The cases (anything with a ``case_id``) a conversion writes: the requested ones, or all of
+    them unless ``complete()`` says a complete conversion is there already (then None)."""
+    unknown = sorted(set(requested or []) - {case.case_id for case in found})
     if unknown:
         raise ConversionError(f"{source}: no case {', '.join(unknown)}")
+    if requested is not None:
+        return [case for case in found if case.case_id in requested]
+    return None if complete() else found
 
 
 def wrapped_ids(ids: list[str], indent: str = "    ", width: int = 96) -> str:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .convert import (
     ConversionError,
     Converter,
-    check_requested,
+    cases_to_convert,
     is_converted_by,
     source_digest,
     staged_conversion,
@@ -239,15 +239,10 @@ def convert_openkbp(
     An existing complete conversion of the same source is kept as it is.
     """
     source, destination = Path(source).resolve(), Path(destination).resolve()
-    patients = find_patients(source)
-    check_requested(case_ids, [p.case_id for p in patients], source)
-    if case_ids is not None:
-        patients = [p for p in patients if p.case_id in case_ids]
-    elif is_converted(destination, source):
+    patients = cases_to_convert(find_patients(source), case_ids, lambda: is_converted(destination, source), source)
+    if patients is None:
         return destination
     with staged_conversion(destination, partial=case_ids is not None) as scratch:
-        (scratch / "imagesTr").mkdir()
-        (scratch / "labelsTr").mkdir()
         problems = []
         for patient in tqdm(patients, desc="convert OpenKBP", unit="patient", disable=not progress):
             converted = read_patient(patient)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .convert import (
     ConversionError,
     Converter,
-    check_requested,
+    cases_to_convert,
     is_converted_by,
     source_digest,
     staged_conversion,
@@ -154,15 +154,10 @@ def convert_spine(
 ) -> Path:
     """Write ``imagesTr/``, ``labelsTr/``, ``dataset.json`` and a stamp under ``destination``."""
     source, destination = Path(source).resolve(), Path(destination).resolve()
-    volumes = find_volumes(source)
-    check_requested(case_ids, [volume.case_id for volume in volumes], source)
-    if case_ids is not None:
-        volumes = [volume for volume in volumes if volume.case_id in case_ids]
-    elif is_converted(destination, source):
+    volumes = cases_to_convert(find_volumes(source), case_ids, lambda: is_converted(destination, source), source)
+    if volumes is None:
         return destination
     with staged_conversion(destination, partial=case_ids is not None) as scratch:
-        (scratch / "imagesTr").mkdir()
-        (scratch / "labelsTr").mkdir()
         problems, written, smaller, repeats, seen = [], [], [], {}, {}
         for volume in tqdm(volumes, desc="convert spine MRI", unit="volume", disable=not progress):
             content = read_volume(volume)

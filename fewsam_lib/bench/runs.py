@@ -389,7 +389,7 @@ def score_case(
     if extent is not None and len(extent) < volume.label.shape[axis]:
         gt_volume, predicted_volume = (np.take(array, extent, axis=axis) for array in (gt_volume, predicted_volume))
     volume_spacing = volume.spacing
-    if manifest.image_dimensions == 2:  # its surface lies in its plane, not on a one-slice slab's faces
+    if manifest.planar:  # its surface lies in its plane, not on a one-slice slab's faces
         gt_volume, predicted_volume = (np.take(array, 0, axis=axis) for array in (gt_volume, predicted_volume))
         volume_spacing = spacing_2d
     base = {

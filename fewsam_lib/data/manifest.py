@@ -93,6 +93,11 @@ class Manifest:
     image_dimensions: int = 3  # 2: every case is one 2D image (slice_axis is then PLANAR_SLICE_AXIS)
 
     @property
+    def planar(self) -> bool:
+        """Every case is one 2D image (drawn as displayed, scored in its own plane)."""
+        return self.image_dimensions == 2
+
+    @property
     def task_names(self) -> list[str]:
         return list(self.tasks.values())
 
@@ -145,7 +150,7 @@ class Manifest:
             "root": paths.portable(self.root),
             "tasks": {str(k): v for k, v in self.tasks.items()},
             "slice_axis": self.slice_axis,
-            **({"image_dimensions": 2} if self.image_dimensions == 2 else {}),
+            **({"image_dimensions": 2} if self.planar else {}),
             "intensity": self.intensity.as_dict(),
             "split_seed": self.split_seed,
             "n_train": len(self.split["train"]),

@@ -309,7 +309,7 @@ class WithinVolumeSection:
 
 class WithinVolumeRun(MethodRun):
     def __init__(self, context: RunContext) -> None:
-        if context.manifest.image_dimensions == 2:
+        if context.manifest.planar:
             raise FewsamError(
                 f"{context.manifest.path}: a dataset of 2D images has one slice per case, so no other slice "
                 f"of it to label; the within-volume track needs volumes"

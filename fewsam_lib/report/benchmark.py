@@ -715,7 +715,7 @@ def qualitative_grid(
             for run in shown
         ]
         crop = zoom_window(grey, [truth, *predictions])
-        planar = manifest.image_dimensions == 2
+        planar = manifest.planar
         show_slice(row_axes[0], grey[crop], f"{pick.case_id} slice {index_}", planar)
         show_slice(row_axes[1], grey[crop], "ground truth", planar)
         draw_labels(row_axes[1], truth[crop], manifest.tasks, planar)

@@ -48,7 +48,7 @@ def run_examples(run_folder: str | Path, examples: int = 3) -> plt.Figure:
         predicted = volume.read_on_canonical_grid(Path(run_folder) / "predictions" / f"{row.case_id}.nii.gz")
         pred = take_slice(predicted, manifest.slice_axis, row.slice_index)
         value = manifest.label_of(row.task)
-        planar = manifest.image_dimensions == 2
+        planar = manifest.planar
         show_slice(row_axes[0], grey, f"{row.case_id} slice {row.slice_index}", planar)
         show_slice(row_axes[1], grey, "ground truth", planar)
         draw_labels(row_axes[1], gt, manifest.tasks, planar)
@@ -79,7 +79,7 @@ def collection_figure(run_folder: str | Path, limit: int = 10) -> plt.Figure:
     for ax, support in zip(axes.ravel(), slices):
         case_id, index = support["case_id"], support["slice_index"]
         volume = volumes.setdefault(case_id, load_case(manifest, case_id))
-        planar = manifest.image_dimensions == 2
+        planar = manifest.planar
         show_slice(ax, grey_slices(manifest, volume, [index])[0], f"{case_id} slice {index}", planar)
         draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index), manifest.tasks, planar)
     total = len(meta["collection"]["slices"])
@@ -243,7 +243,7 @@ def example_overlays(manifest: Manifest, case_ids: list[str]) -> plt.Figure:
         index = int(rows.slice_index.iloc[int(np.argmax(rows[manifest.task_names].sum(axis=1)))])
         volume = load_case(manifest, case_id)
         grey = grey_slices(manifest, volume, [index])[0]
-        planar = manifest.image_dimensions == 2
+        planar = manifest.planar
         show_slice(ax, grey, f"{case_id} slice {index}", planar)
         draw_labels(ax, take_slice(volume.label, manifest.slice_axis, index), manifest.tasks, planar)
     handles = [plt.matplotlib.patches.Patch(color=c, label=t) for c, t in zip(TASK_COLOURS, manifest.task_names)]

@@ -320,7 +320,8 @@ def add_encoder_path_option(parser: argparse.ArgumentParser) -> None:
         "--encoder-path",
         default=None,
         choices=list(ENCODER_PATHS),
-        help="how the image encoder runs (default: openvino-fp32 on CPU, torch-fp32-eager on a GPU)",
+        help="how the image encoder runs (default: openvino-fp32 on CPU, torch-fp32-eager on a GPU; "
+        "openvino-bf16 is faster on a CPU with native bf16 but changes IoUs by up to ~0.03)",
     )
 
 

@@ -28,6 +28,7 @@ from fewsam_lib.encoders.runtimes import (
     openvino_folder,
 )
 from fewsam_lib.errors import FewsamError
+from fewsam_lib.hardware import native_bf16
 
 FP16_TOLERANCE = 1e-3  # embeddings are stored as float16 (measured max error ~2.4e-4)
 
@@ -79,14 +80,56 @@ def test_key_covers_backbone_and_preprocessing(tmp_path, hippocampus_slices):
     assert mobile.key(grey) != mobile.key(grey.T.copy())  # same pixels, other shape
 
 
-def test_default_encoder_path_matches_torch_fp32_within_its_tolerance(mobile_sam, hippocampus_slices, tmp_path):
-    """The accuracy check of the fast default: OpenVINO fp32 against torch eager on real slices."""
-    assert default_encoder_path("cpu") == "openvino-fp32" and default_encoder_path("cuda") == TORCH_FP32_EAGER
+def test_openvino_fp32_matches_torch_fp32_within_its_tolerance(mobile_sam, hippocampus_slices, tmp_path):
+    """The accuracy check of the fast fp32 path: OpenVINO fp32 against torch eager on real slices."""
     batch = torch.stack([mobile_sam.prepare(s) for s in hippocampus_slices[:2]])
     reference = get_encoder_path(TORCH_FP32_EAGER).build(mobile_sam, tmp_path)(batch)
     fast = get_encoder_path("openvino-fp32").build(mobile_sam, paths.converted_encoders_root())(batch)
     assert fast.shape == reference.shape == (2, 256, 64, 64)
     assert float((fast - reference).abs().max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_default_path_is_openvino_fp32_on_every_cpu(native, monkeypatch):
+    """openvino-bf16 is faster where bf16 is native but missed the smoke runs' accuracy bar."""
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: native)
+    assert default_encoder_path("cpu") == "openvino-fp32" and default_encoder_path("cuda") == TORCH_FP32_EAGER
+
+
+def test_a_bf16_path_is_refused_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: False)
+    with pytest.raises(FewsamError, match="openvino-bf16 needs a CPU that computes bf16 natively.*use openvino-fp32"):
+        EmbeddingCache("mobile_sam", root=tmp_path, encoder_path="openvino-bf16")
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU does not compute bf16 natively (AVX512-BF16 or AMX)")
+def test_openvino_bf16_keeps_the_embeddings_and_the_box_masks(mobile_sam, hippocampus, tmp_path):
+    """bf16 changes the embeddings by ~1e-2 (measured max 0.02 for MobileSAM); what counts is the
+    segmentation: SAM's box masks on real slices from bf16 embeddings against fp32 eager."""
+    from fewsam_lib.data.volumes import load_case, normalise_intensity, take_slice
+    from fewsam_lib.methods.prompting import bounding_box, box_prompt_tokens
+    from fewsam_lib.methods.sam_decoding import decode_masks
+
+    volume = load_case(hippocampus, hippocampus.case_ids("test")[0])
+    grey, axis = normalise_intensity(volume.image, hippocampus.intensity), hippocampus.slice_axis
+    indices = [i for i in range(grey.shape[axis]) if (take_slice(volume.label, axis, i) == 1).sum() > 20][:3]
+    labels = {i: take_slice(volume.label, axis, i) for i in indices}
+    batch = torch.stack([mobile_sam.prepare(take_slice(grey, axis, i)) for i in indices])
+    reference = get_encoder_path(TORCH_FP32_EAGER).build(mobile_sam, tmp_path)(batch)
+    fast = get_encoder_path("openvino-bf16").build(mobile_sam, paths.converted_encoders_root())(batch)
+    cosine = torch.nn.functional.cosine_similarity(fast.flatten(1), reference.flatten(1)).min()
+    assert cosine > 0.999
+    model = mobile_sam.model
+    for index, embeddings in zip(indices, zip(reference, fast)):
+        box, shape = bounding_box(labels[index] == 1)[None], labels[index].shape
+        masks = []
+        for embedding in embeddings:
+            with torch.inference_mode():
+                sparse, dense = box_prompt_tokens(model, box, shape)
+                logits, _ = decode_masks(model.mask_decoder, model, embedding, sparse, dense, shape)
+            masks.append((logits[0, 0] > 0).numpy())
+        overlap = (masks[0] & masks[1]).sum() / max((masks[0] | masks[1]).sum(), 1)
+        assert overlap > 0.97, f"slice {index}: box masks from bf16 and fp32 embeddings overlap {overlap:.3f}"
 
 
 def test_the_converted_encoder_is_made_once_and_reused(mobile_sam, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fewsam_lib.bench.speed import host_kind, interleaved, native_bf16, openvino_decoder, rows_of
+from fewsam_lib.bench.speed import counted_flops, host_kind, interleaved, native_bf16, openvino_decoder, rows_of
 from fewsam_lib.methods.fewshot import decode
 from fewsam_lib.methods.sam_decoding import decode_many
 
@@ -61,8 +61,18 @@ def test_the_nnunet_step_is_timed_in_fp32_and_bf16_only_where_the_cpu_has_native
 
     fp32, bf16 = bench_nnunet_step(repeats=1, batch=2, patch=(32, 32), progress=False)
     assert (fp32.candidate, fp32.speedup, fp32.seconds > 0) == ("fp32", 1.0, True)
+    assert fp32.gflop > 0  # the step's work, counted on fp32 (the roofline)
     assert bf16.candidate == "bf16 autocast forward"
     if native_bf16():
-        assert bf16.seconds > 0 and bf16.cosine > 0.99
+        assert bf16.seconds > 0 and bf16.cosine > 0.99 and bf16.gflop == fp32.gflop
     else:
         assert bf16.note.startswith("skipped: this CPU has no native bf16")
+
+
+def test_the_roofline_counts_a_step_s_work_forward_and_backward():
+    layer = torch.nn.Linear(64, 32, bias=False)
+    inputs = torch.randn(8, 64, requires_grad=True)
+    forward = counted_flops(lambda: layer(inputs))
+    assert forward == 2 * 8 * 64 * 32
+    # backward: the gradients of the input and of the weight, one matrix product each
+    assert counted_flops(lambda: layer(inputs).sum().backward()) == 3 * forward

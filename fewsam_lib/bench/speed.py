@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .. import paths
+from ..hardware import cpu_flags, native_bf16
 
 Candidate = Callable[[], torch.Tensor]
 
@@ -40,20 +41,7 @@ class Row:
     cosine: float | None  # to the baseline's output
     max_abs_diff: float | None
     note: str = ""
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    return set(line.partition(":")[2].split())
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 itself (AVX512-BF16 or AMX); elsewhere torch emulates it, slowly."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    gflop: float = float("nan")  # work per item, counted on the step's first candidate (the roofline)
 
 
 def host_kind() -> str:
@@ -106,6 +94,7 @@ def rows_of(
     outputs: dict[str, torch.Tensor],
     per_item: int = 1,
     notes: dict[str, str] | None = None,
+    gflop: float = float("nan"),
 ) -> list[Row]:
     """Rows with medians per item and ratios against the first candidate (the baseline)."""
     names = list(times)
@@ -124,6 +113,7 @@ def rows_of(
                 cosine,
                 difference,
                 (notes or {}).get(name, ""),
+                gflop,
             )
         )
     return rows
@@ -143,14 +133,24 @@ def _timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def encoder_flops(encoder: torch.nn.Module, batch: torch.Tensor) -> float:
-    """FLOPs of one encoder pass per slice, counted by torch's own flop counter."""
+def counted_flops(run: Callable[[], object]) -> float:
+    """FLOPs of one call of ``run`` (forward, and backward where it has one), by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        encoder(batch)
-    return counter.get_total_flops() / len(batch)
+    with counter:
+        run()
+    return counter.get_total_flops()
+
+
+def encoder_flops(encoder: torch.nn.Module, batch: torch.Tensor) -> float:
+    """FLOPs of one encoder pass per slice."""
+
+    def forward() -> None:
+        with torch.inference_mode():
+            encoder(batch)
+
+    return counted_flops(forward) / len(batch)
 
 
 # --- encoder candidates ---------------------------------------------------------------------------
@@ -251,13 +251,13 @@ def bench_encoder(backbone: str, repeats: int, progress: bool = True) -> tuple[l
         candidates, notes = encoder_candidates(loaded.model.image_encoder, batch, Path(workdir))
         times = interleaved(candidates, repeats, progress)
         outputs = {name: run() for name, run in candidates.items()}
-    rows = rows_of("encoder, 1 slice", backbone, times, outputs, notes=notes)
+    gflop = encoder_flops(loaded.model.image_encoder, batch) / 1e9
+    rows = rows_of("encoder, 1 slice", backbone, times, outputs, notes=notes, gflop=gflop)
     rows += [
         Row("encoder, 1 slice", name, backbone, float("nan"), float("nan"), None, None, note)
         for name, note in notes.items()
     ]
-    flops = encoder_flops(loaded.model.image_encoder, batch)
-    return rows, {"gflop_per_slice": flops / 1e9}
+    return rows, {"gflop_per_slice": gflop}
 
 
 def real_slices(count: int) -> list[np.ndarray]:
@@ -348,7 +348,8 @@ def bench_decoder(backbone: str, tasks: int, slices: int, repeats: int, progress
             candidates["one call per step, bf16"] = make(True, True)
         times = interleaved(candidates, repeats, progress)
         outputs = {name: run() for name, run in candidates.items()}
-        rows += rows_of(step, backbone, times, outputs, per_item=per_item, notes=notes)
+        gflop = counted_flops(candidates["one call per slice, fp32"]) / per_item / 1e9
+        rows += rows_of(step, backbone, times, outputs, per_item=per_item, notes=notes, gflop=gflop)
         rows += [
             Row(step, name, backbone, np.nan, np.nan, None, None, note)
             for name, note in notes.items()
@@ -466,7 +467,8 @@ def bench_nnunet_step(
     if native_bf16():
         candidates["bf16 autocast forward"] = step(True)
     outputs = {candidate: run() for candidate, run in candidates.items()}
-    rows = rows_of(name, "none", interleaved(candidates, repeats, progress), outputs)
+    gflop = counted_flops(candidates["fp32"]) / 1e9
+    rows = rows_of(name, "none", interleaved(candidates, repeats, progress), outputs, gflop=gflop)
     if not native_bf16():  # emulated bf16 took 13x the fp32 step here (108 s against 8.4 s on one thread)
         note = "skipped: this CPU has no native bf16 (AVX512-BF16 or AMX); torch emulates it"
         rows.append(Row(name, "bf16 autocast forward", "none", np.nan, np.nan, None, None, note))
@@ -489,13 +491,10 @@ def run_benchmarks(
     # Emulated bf16 (no AVX512-BF16/AMX) runs a 4096² matmul for minutes and is no peak to compare with.
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16) if native_bf16() else np.nan}
     frame = pd.DataFrame([asdict(row) for row in rows])
-    frame["percent_of_fp32_peak"] = np.nan
-    frame["percent_of_bf16_peak"] = np.nan
-    for backbone, figures in roofline.items():
-        encoder = (frame.backbone == backbone) & frame.step.str.startswith("encoder")
-        gflops = figures["gflop_per_slice"] / frame.loc[encoder, "seconds"]
-        frame.loc[encoder, "percent_of_fp32_peak"] = 100 * gflops / peaks["fp32"]
-        frame.loc[encoder, "percent_of_bf16_peak"] = 100 * gflops / peaks["bf16"]
+    # The roofline of every step: its counted work per item over its time, against the matmul peaks.
+    gflops_per_second = frame.gflop / frame.seconds
+    frame["percent_of_fp32_peak"] = 100 * gflops_per_second / peaks["fp32"]
+    frame["percent_of_bf16_peak"] = 100 * gflops_per_second / peaks["bf16"]
     folder = Path(output) if output else paths.REPO_ROOT / "results" / "benchmarks"
     folder.mkdir(parents=True, exist_ok=True)
     name = host_kind()
@@ -518,6 +517,10 @@ def run_benchmarks(
 # --- accuracy of the encoder paths on the smoke runs -----------------------------------------------
 
 ACCURACY_BAR = 0.005  # largest change of a mean IoU (per dataset, method, task, level) a default path may make
+# The smoke runs that decode every scored slice from its embedding: SAM prompted by boxes and the
+# few-shot decoder. (The within-volume track reuses both; its few-shot variant trains a location
+# head for 600 steps, too long for a check run once per path.)
+ACCURACY_METHODS = ("sam_prompting", "fewshot")
 
 
 def encoder_accuracy(scratch: str | Path, output: str | Path | None = None, progress: bool = True) -> Path:
@@ -530,22 +533,19 @@ def encoder_accuracy(scratch: str | Path, output: str | Path | None = None, prog
     from ..bench.reproduce import is_complete
     from ..bench.runs import summarize
     from ..encoders.runtimes import ENCODER_PATHS, TORCH_FP32_EAGER
-    from ..methods.base import registered_methods
 
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
-    for method in registered_methods():
-        if not method.uses_backbone:
-            raw.pop(method.section_key, None)
-    for path in (p for p in ENCODER_PATHS.values() if "cpu" in p.devices):
+    runnable = [p for p in ENCODER_PATHS.values() if "cpu" in p.devices and (native_bf16() or not p.needs_native_bf16)]
+    for path in runnable:
         profile_file = scratch / f"smoke-{path.name}.yaml"
         profile_file.write_text(yaml.safe_dump({**raw, "encoder_path": path.name}, sort_keys=False))
         for run in load_profile(profile_file).runs():
-            if not is_complete(planned_folder(run, scratch / "results")):
+            if run.method in ACCURACY_METHODS and not is_complete(planned_folder(run, scratch / "results")):
                 evaluate(run, results_dir=scratch / "results", progress=progress)
     summary = summarize(scratch / "results")
-    iou = summary[summary.metric == "iou"]
+    iou = summary[(summary.metric == "iou") & summary.method.isin(ACCURACY_METHODS)]
     table = iou.pivot_table(index=["dataset", "method", "task", "level"], columns="encoder_path", values="mean")
     others = [column for column in table.columns if column != TORCH_FP32_EAGER]
     for other in others:
@@ -563,7 +563,8 @@ def encoder_accuracy(scratch: str | Path, output: str | Path | None = None, prog
     text = (
         "<!-- generated by fewsam bench --accuracy; do not edit -->\n\n"
         f"# Encoder paths on the smoke runs, {host_kind()}\n\n"
-        "Mean IoU of every SAM run of the smoke profile (slice and volume level), made once per encoder path "
+        "Mean IoU of every SAM box and few-shot run of the smoke profile (slice and volume level), made once per "
+        "encoder path "
         "(each path has cache entries of its own); the bar is a change of at most "
         f"{ACCURACY_BAR} against {TORCH_FP32_EAGER}. "
         f"{verdicts}.\n\n" + table.to_markdown(index=False, floatfmt=".4f") + "\n"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..errors import FewsamError, lookup
+from ..hardware import native_bf16
 
 if TYPE_CHECKING:
     from .backbones import LoadedBackbone
@@ -34,8 +35,11 @@ log = logging.getLogger(__name__)
 # The path of every run before paths existed; its cache keys and run names carry no path name, so
 # those entries and run folders stay valid.
 TORCH_FP32_EAGER = "torch-fp32-eager"
-# Largest |difference| to fp32 eager torch a default path may have on a real slice's embedding; the
-# cache stores float16, whose rounding alone is ~5e-4 at the embeddings' magnitude.
+# Largest |difference| to fp32 eager torch an fp32 path may have on a real slice's embedding; the
+# cache stores float16, whose rounding alone is ~5e-4 at the embeddings' magnitude. A bf16 path
+# differs by ~1e-2 (cosine 0.997-0.9999); it could be a default only if the smoke runs' mean IoUs
+# stayed within ``fewsam bench --accuracy``'s bar (0.005) of fp32 eager torch, and openvino-bf16
+# did not (results/benchmarks/cpu-amd-avx512-bf16-2threads-encoder-accuracy.md): it is opt-in.
 TOLERANCE = 1e-4
 
 
@@ -45,6 +49,8 @@ class EncoderPath:
     description: str
     build: Callable[[LoadedBackbone, Path], Encode]  # (backbone, folder for converted models) -> encode
     devices: tuple[str, ...] = ("cpu",)  # torch device types it runs on
+    # Only on a CPU that computes bf16 itself: elsewhere it is emulated, tens of times slower.
+    needs_native_bf16: bool = False
 
 
 def _torch_eager(backbone: LoadedBackbone, workdir: Path) -> Encode:
@@ -64,30 +70,37 @@ def openvino_folder(backbone: LoadedBackbone, workdir: Path) -> Path:
     return workdir / name
 
 
-def _openvino_fp32(backbone: LoadedBackbone, workdir: Path) -> Encode:
-    try:
-        import openvino  # noqa: F401  (only: is it installed?)
-    except ImportError:
-        raise FewsamError(
-            "encoder path openvino-fp32 needs the openvino package (in requirements.txt; `make setup`), "
-            f"or choose encoder_path: {TORCH_FP32_EAGER}"
-        ) from None
-    folder = openvino_folder(backbone, workdir)
-    if not (folder / "encoder.xml").exists():
-        _convert(backbone, folder)
-    try:
-        compiled = openvino_compile(folder / "encoder.xml")
-    except RuntimeError as error:  # damaged on disk after it was written: convert again, like a cache entry
-        log.warning("converted encoder %s cannot be read (%s); converting it again", folder, str(error)[:200])
-        shutil.rmtree(folder, ignore_errors=True)
-        _convert(backbone, folder)
-        compiled = openvino_compile(folder / "encoder.xml")
+def _openvino(precision: str) -> Callable[[LoadedBackbone, Path], Encode]:
+    """OpenVINO's CPU runtime at ``precision`` ("f32" or "bf16"): one converted fp32 model, compiled
+    with that inference precision (the weights on disk are the same for both)."""
+    name = f"openvino-{'fp32' if precision == 'f32' else precision}"
 
-    def encode(batch: torch.Tensor) -> torch.Tensor:
-        # The converted model has the batch size 1 it was traced with; one slice is fastest on CPU anyway.
-        return torch.cat([torch.from_numpy(compiled(item[None].numpy())[0].copy()) for item in batch.cpu()])
+    def build(backbone: LoadedBackbone, workdir: Path) -> Encode:
+        try:
+            import openvino  # noqa: F401  (only: is it installed?)
+        except ImportError:
+            raise FewsamError(
+                f"encoder path {name} needs the openvino package (in requirements.txt; `make setup`), "
+                f"or choose encoder_path: {TORCH_FP32_EAGER}"
+            ) from None
+        folder = openvino_folder(backbone, workdir)
+        if not (folder / "encoder.xml").exists():
+            _convert(backbone, folder)
+        try:
+            compiled = openvino_compile(folder / "encoder.xml", precision)
+        except RuntimeError as error:  # damaged on disk after it was written: convert again, like a cache entry
+            log.warning("converted encoder %s cannot be read (%s); converting it again", folder, str(error)[:200])
+            shutil.rmtree(folder, ignore_errors=True)
+            _convert(backbone, folder)
+            compiled = openvino_compile(folder / "encoder.xml", precision)
 
-    return encode
+        def encode(batch: torch.Tensor) -> torch.Tensor:
+            # The converted model has the batch size 1 it was traced with; one slice is fastest on CPU anyway.
+            return torch.cat([torch.from_numpy(compiled(item[None].numpy())[0].copy()) for item in batch.cpu()])
+
+        return encode
+
+    return build
 
 
 def _convert(backbone: LoadedBackbone, folder: Path) -> None:
@@ -132,7 +145,15 @@ ENCODER_PATHS: dict[str, EncoderPath] = {
     for path in (
         EncoderPath(TORCH_FP32_EAGER, "torch, eager, fp32 (the reference)", _torch_eager, ("cpu", "cuda", "mps")),
         EncoderPath(
-            "openvino-fp32", "OpenVINO CPU runtime, fp32, model converted once and kept in the cache", _openvino_fp32
+            "openvino-fp32",
+            "OpenVINO CPU runtime, fp32, model converted once and kept in the cache",
+            _openvino("f32"),
+        ),
+        EncoderPath(
+            "openvino-bf16",
+            "OpenVINO CPU runtime computing in bf16 (CPUs with AVX512-BF16 or AMX), the same converted model",
+            _openvino("bf16"),
+            needs_native_bf16=True,
         ),
     )
 }
@@ -155,5 +176,10 @@ def check_encoder_path(name: str, device: str | torch.device) -> EncoderPath:
         raise FewsamError(
             f"encoder path {name} runs on {', '.join(path.devices)}, not {kind}; "
             f"use {default_encoder_path(device)} on {kind}"
+        )
+    if path.needs_native_bf16 and not native_bf16():
+        raise FewsamError(
+            f"encoder path {name} needs a CPU that computes bf16 natively (AVX512-BF16 or AMX), which this one "
+            f"does not; use {default_encoder_path(device)}"
         )
     return path

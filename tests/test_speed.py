@@ -3,9 +3,18 @@ compute what today's path computes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from fewsam_lib.bench.speed import counted_flops, host_kind, interleaved, native_bf16, openvino_decoder, rows_of
+from fewsam_lib.bench.speed import (
+    accuracy_table,
+    counted_flops,
+    host_kind,
+    interleaved,
+    native_bf16,
+    openvino_decoder,
+    rows_of,
+)
 from fewsam_lib.methods.fewshot import decode
 from fewsam_lib.methods.sam_decoding import decode_many
 
@@ -76,3 +85,29 @@ def test_the_roofline_counts_a_step_s_work_forward_and_backward():
     assert forward == 2 * 8 * 64 * 32
     # backward: the gradients of the input and of the weight, one matrix product each
     assert counted_flops(lambda: layer(inputs).sum().backward()) == 3 * forward
+
+
+def test_the_accuracy_table_compares_encoder_paths_of_the_sam_runs_only():
+    """Runs without an image encoder (interpolation, nnU-Net) have no path; they once showed up as
+    a nameless path that could never be within the bar."""
+    import pandas as pd
+
+    def row(method, path, mean, task="a"):
+        return {"dataset": "d", "method": method, "task": task, "level": "slice", "metric": "iou",
+                "encoder_path": path, "mean": mean}  # fmt: skip
+
+    summary = pd.DataFrame(
+        [
+            row("sam_prompting", "torch-fp32-eager", 0.700),
+            row("sam_prompting", "openvino-fp32", 0.701),
+            row("sam_prompting", "openvino-bf16", 0.690),
+            row("fewshot", "torch-fp32-eager", 0.500),
+            row("fewshot", "openvino-fp32", 0.500),
+            row("fewshot", "openvino-bf16", 0.530),
+            row("within_volume", "", 0.900, task="b"),
+        ]
+    )
+    table, worst = accuracy_table(summary)
+    assert set(worst) == {"openvino-fp32", "openvino-bf16"}
+    assert worst["openvino-fp32"] == pytest.approx(0.001) and worst["openvino-bf16"] == pytest.approx(0.030)
+    assert set(table.method) == {"sam_prompting", "fewshot"} and "" not in table.columns

@@ -523,6 +523,20 @@ ACCURACY_BAR = 0.005  # largest change of a mean IoU (per dataset, method, task,
 ACCURACY_METHODS = ("sam_prompting", "fewshot")
 
 
+def accuracy_table(summary: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Mean IoUs of the ``ACCURACY_METHODS`` rows of a summary, one column per encoder path, each
+    path's difference to torch-fp32-eager, and each path's largest |difference|."""
+    from ..encoders.runtimes import TORCH_FP32_EAGER
+
+    iou = summary[(summary.metric == "iou") & summary.method.isin(ACCURACY_METHODS)]
+    table = iou.pivot_table(index=["dataset", "method", "task", "level"], columns="encoder_path", values="mean")
+    others = [column for column in table.columns if column != TORCH_FP32_EAGER]
+    for other in others:
+        table[f"{other} - {TORCH_FP32_EAGER}"] = table[other] - table[TORCH_FP32_EAGER]
+    worst = {other: float(table[f"{other} - {TORCH_FP32_EAGER}"].abs().max()) for other in others}
+    return table.reset_index(), worst
+
+
 def encoder_accuracy(scratch: str | Path, output: str | Path | None = None, progress: bool = True) -> Path:
     """The smoke profile's SAM runs once per CPU encoder path, into ``scratch`` (complete runs are kept),
     and each mean IoU against torch-fp32-eager: ``results/benchmarks/<host-kind>-encoder-accuracy.{csv,md}``."""
@@ -544,18 +558,11 @@ def encoder_accuracy(scratch: str | Path, output: str | Path | None = None, prog
         for run in load_profile(profile_file).runs():
             if run.method in ACCURACY_METHODS and not is_complete(planned_folder(run, scratch / "results")):
                 evaluate(run, results_dir=scratch / "results", progress=progress)
-    summary = summarize(scratch / "results")
-    iou = summary[(summary.metric == "iou") & summary.method.isin(ACCURACY_METHODS)]
-    table = iou.pivot_table(index=["dataset", "method", "task", "level"], columns="encoder_path", values="mean")
-    others = [column for column in table.columns if column != TORCH_FP32_EAGER]
-    for other in others:
-        table[f"{other} - {TORCH_FP32_EAGER}"] = table[other] - table[TORCH_FP32_EAGER]
-    table = table.reset_index()
+    table, worst = accuracy_table(summarize(scratch / "results"))
     folder = Path(output) if output else paths.REPO_ROOT / "results" / "benchmarks"
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{host_kind()}-encoder-accuracy"
     table.to_csv(folder / f"{name}.csv", index=False, float_format="%.5g")
-    worst = {other: float(table[f"{other} - {TORCH_FP32_EAGER}"].abs().max()) for other in others}
     verdicts = "; ".join(
         f"{other}: largest |change| {change:.4f} ({'within' if change <= ACCURACY_BAR else 'OUTSIDE'} the bar)"
         for other, change in worst.items()

@@ -16,6 +16,7 @@ import torch
 from conftest import write_manifest
 
 from fewsam_lib import paths
+from fewsam_lib.bench import metrics
 from fewsam_lib.cli import main
 from fewsam_lib.encoders import cache as cache_module
 from fewsam_lib.encoders import runtimes
@@ -128,7 +129,7 @@ def test_openvino_bf16_keeps_the_embeddings_and_the_box_masks(mobile_sam, hippoc
                 sparse, dense = box_prompt_tokens(model, box, shape)
                 logits, _ = decode_masks(model.mask_decoder, model, embedding, sparse, dense, shape)
             masks.append((logits[0, 0] > 0).numpy())
-        overlap = (masks[0] & masks[1]).sum() / max((masks[0] | masks[1]).sum(), 1)
+        overlap, _ = metrics.overlap(masks[0], masks[1])
         assert overlap > 0.97, f"slice {index}: box masks from bf16 and fp32 embeddings overlap {overlap:.3f}"
 
 

@@ -11,7 +11,13 @@ import torch
 from fewsam_lib.bench.profiles import load_profile
 from fewsam_lib.data.volumes import grey_slices, load_case, take_slice
 from fewsam_lib.encoders.cache import EmbeddingCache
-from fewsam_lib.methods.fewshot import FEWSHOT_VARIANTS, FewShotModel, fit_fewshot, get_fewshot_variant
+from fewsam_lib.methods.fewshot import (
+    FEWSHOT_VARIANTS,
+    FewShotModel,
+    encode_twins,
+    fit_fewshot,
+    get_fewshot_variant,
+)
 from fewsam_lib.methods.location import (
     LocationMap,
     LocationSettings,
@@ -28,15 +34,16 @@ PREPROCESSING = {"slice_axis": 2, "intensity": {}}
 
 @pytest.fixture(scope="module")
 def ct_slab(openkbp):
-    """The smoke profile's CT slab (12 slices of the first test patient): embeddings and label slices."""
+    """The smoke profile's CT slab (12 slices of the first test patient): embeddings, label and grey slices."""
     smoke = load_profile("smoke").for_dataset(openkbp.path)
     case_id = smoke.test_case_ids(openkbp)[0]
     volume = load_case(openkbp, case_id)
     extent = smoke.scored_slices(openkbp, volume)
     cache = EmbeddingCache("mobile_sam")
-    embeddings = list(cache.get_many(grey_slices(openkbp, volume, extent), progress=False))
+    greys = grey_slices(openkbp, volume, extent)
+    embeddings = list(cache.get_many(greys, progress=False))
     labels = [take_slice(volume.label, openkbp.slice_axis, i) for i in extent]
-    return cache, embeddings, labels
+    return cache, embeddings, labels, greys
 
 
 def test_cells_on_the_image_and_their_positions_follow_sam_resize_and_padding():
@@ -147,15 +154,18 @@ def test_a_head_saved_in_the_first_layout_still_loads(hippocampus_support):
     )
 
 
-@pytest.mark.parametrize("variant", ["located", "located_box", "located_context_box"])
+@pytest.mark.parametrize("variant", ["located", "located_box", "located_context_box", "located_augmented_fused"])
 def test_located_variants_do_not_collapse_on_ct(ct_slab, openkbp, variant):
     """The collapse detector: trained on 6 slices of the CT slab, every organ is predicted (non-empty)
     on held-out slab slices that show it, and on most of them; the paper-faithful decoder predicted
     nothing on any. (The spinal cord is 2-6 pixels of a slice: on validation the head misses it on
     15% of its slices at 20 shots.)"""
-    cache, embeddings, labels = ct_slab
+    cache, embeddings, labels, greys = ct_slab
     support = list(range(0, len(embeddings), 2))
     chosen = get_fewshot_variant(variant).with_schedule(steps=20, slices_per_step=1)
+    if chosen.augmentation is not None:  # one twin per slice: 6 more encodings, not 24
+        chosen = dataclasses.replace(chosen, augmentation=dataclasses.replace(chosen.augmentation, copies=1))
+    twins = encode_twins(cache, [greys[i] for i in support], [labels[i] for i in support], chosen, 0, False)
     model, curve = fit_fewshot(
         cache.backbone.model,
         "mobile_sam",
@@ -166,8 +176,9 @@ def test_located_variants_do_not_collapse_on_ct(ct_slab, openkbp, variant):
         seed=0,
         preprocessing=PREPROCESSING,
         progress=False,
+        twins=twins,
     )
-    assert set(curve.stage) == ({"location", "decoder"} if variant.endswith("_box") else {"location"})
+    assert set(curve.stage) == ({"location", "decoder"} if chosen.trains_decoder else {"location"})
     held_out = [i for i in range(len(embeddings)) if i not in support]
     predicted = model.segment(cache.backbone.model, torch.stack([embeddings[i] for i in held_out]), labels[0].shape)
     found = []
@@ -180,7 +191,7 @@ def test_located_variants_do_not_collapse_on_ct(ct_slab, openkbp, variant):
 
 @pytest.mark.parametrize("variant", ["located", "located_context_box"])
 def test_a_located_model_saves_and_loads_with_its_head(ct_slab, openkbp, tmp_path, variant):
-    cache, embeddings, labels = ct_slab
+    cache, embeddings, labels, _ = ct_slab
     chosen = get_fewshot_variant(variant).with_schedule(steps=2, slices_per_step=1)
     model, _ = fit_fewshot(
         cache.backbone.model,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, Sam
 from tqdm import tqdm
 
+from ..data.augmentation import SupportAugmentation, augment_support
 from ..data.collection import Collection, draw_collection
 from ..data.manifest import Manifest
 from ..data.volumes import Volume, grey_slices, load_case, take_slice
@@ -195,6 +196,8 @@ SEGMENTERS = {
     "location_map": "the location head's own map: each pixel takes its most probable class",
     "decoder_box": "SAM's mask decoder, fine-tuned, prompted by the few-shot token(s) and the box of the "
     "location head's most confident component; a task the head finds absent is absent",
+    "decoder_box_fused": "decoder_box, each pixel's mask probability averaged with the location head's "
+    "probability of the task (two predictors of one mask, each correcting the other's edges)",
 }
 
 
@@ -231,6 +234,9 @@ class FewShotVariant:
     description: str = ""
     locator: LocationSettings | None = None
     segmenter: str = "decoder"
+    # Transformed twins of the support slices, encoded like any slice, for the location head; the
+    # tokens and the decoder stay the collection's own (twins did not help the decoder on validation).
+    augmentation: SupportAugmentation | None = None
 
     @property
     def name(self) -> str:
@@ -251,11 +257,18 @@ class FewShotVariant:
         }
         if self.locator is not None:  # absent for the variants before it, so their names stay
             definition.update(locator=asdict(self.locator), segmenter=self.segmenter)
+        if self.augmentation is not None:
+            definition.update(augmentation=asdict(self.augmentation))
         return definition
 
     @property
     def trains_decoder(self) -> bool:
         return self.segmenter != "location_map"
+
+    @property
+    def prompts_boxes(self) -> bool:
+        """The decoder gets the location head's box (and is trained on boxes)."""
+        return self.segmenter in ("decoder_box", "decoder_box_fused")
 
     def with_schedule(self, **overrides: Any) -> FewShotVariant:
         try:
@@ -275,8 +288,10 @@ def register_fewshot_variant(variant: FewShotVariant) -> FewShotVariant:
             f"few-shot variant {variant.base}: unknown loss '{variant.loss}', view '{variant.view}' "
             f"or segmenter '{variant.segmenter}'"
         )
-    if variant.segmenter != "decoder" and variant.locator is None:
-        raise ValueError(f"few-shot variant {variant.base}: segmenter '{variant.segmenter}' needs a locator")
+    if (variant.segmenter != "decoder" or variant.augmentation is not None) and variant.locator is None:
+        raise ValueError(
+            f"few-shot variant {variant.base}: segmenter '{variant.segmenter}' and support augmentation need a locator"
+        )
     FEWSHOT_VARIANTS[variant.base] = variant
     return variant
 
@@ -324,6 +339,27 @@ register_fewshot_variant(
         description="located_box with the located_context head; each box grown by one pixel",
     )
 )
+# Chosen on validation (docs/results.md): four transformed twins of every support slice.
+register_fewshot_variant(
+    FewShotVariant(
+        "located_augmented",
+        TOKEN_DESIGNS["centred"],
+        locator=CONTEXT_LOCATOR,
+        segmenter="decoder_box",
+        augmentation=SupportAugmentation(),
+        description="located_context_box, its head also trained on 4 augmented twins of each support slice",
+    )
+)
+register_fewshot_variant(
+    FewShotVariant(
+        "located_augmented_fused",
+        TOKEN_DESIGNS["centred"],
+        locator=CONTEXT_LOCATOR,
+        segmenter="decoder_box_fused",
+        augmentation=SupportAugmentation(),
+        description="located_augmented, the decoder's mask probability averaged with the head's",
+    )
+)
 
 
 def get_fewshot_variant(name: str) -> FewShotVariant:
@@ -351,6 +387,9 @@ def variant_from_definition(definition: dict[str, Any], where: str) -> FewShotVa
         view=definition.get("view", registered.view),
         locator=known(registered.locator, definition.get("locator")) if registered.locator else None,
         segmenter=definition.get("segmenter", registered.segmenter),
+        augmentation=known(registered.augmentation, definition.get("augmentation"))
+        if registered.augmentation
+        else None,
     )
 
 
@@ -396,7 +435,8 @@ class FewShotModel:
     def _decode_located(
         self, model: Sam, embedding: torch.Tensor, probabilities: np.ndarray, slice_shape: tuple[int, int]
     ) -> np.ndarray:
-        """``decoder_box`` on one slice: each task the head finds gets its box; the others stay absent."""
+        """``decoder_box`` on one slice: each task the head finds gets its box; the others stay absent.
+        ``decoder_box_fused`` averages the decoder's and the head's probabilities (logits of the mean)."""
         values = list(self.tasks)
         regions = located_regions(probabilities)
         logits = np.full((len(values), *slice_shape), -np.inf, dtype=np.float32)
@@ -405,7 +445,14 @@ class FewShotModel:
             margin = self.locator.settings.box_margin
             boxes = np.stack([region_box(regions[i], probabilities[i + 1], margin) for i in present])
             tokens = self.token_batch(model.device)[present]
-            logits[present] = decode_with_boxes(self.decoder, model, embedding, tokens, boxes, slice_shape).cpu()
+            decoded = decode_with_boxes(self.decoder, model, embedding, tokens, boxes, slice_shape).cpu()
+            if self.variant.segmenter == "decoder_box_fused":
+                # the decoder says task or background: the head's odds of the task against background
+                task = torch.as_tensor(probabilities[[i + 1 for i in present]])
+                against_background = task / (task + torch.as_tensor(probabilities[0])).clamp_min(1e-8)
+                mean = (torch.sigmoid(decoded) + against_background) / 2
+                decoded = torch.logit(mean.clamp(1e-6, 1 - 1e-6))
+            logits[present] = decoded.numpy()
         return resolve_overlaps(logits, values)
 
     def segment_volume(
@@ -539,16 +586,25 @@ def fit_fewshot(
     seed: int,
     preprocessing: dict[str, Any],
     progress: bool = True,
+    twins: tuple[list[torch.Tensor], list[np.ndarray]] | None = None,
 ) -> tuple[FewShotModel, pd.DataFrame]:
-    """Tokens from the collection, then the location head and/or the decoder trained on it; returns
-    the model and the training curve (``stage``, ``step``, ``loss``; stage ``location`` or ``decoder``)."""
+    """Tokens from the collection, then the location head and/or the decoder trained on it; the head
+    also on the ``twins``' embeddings and label slices (:func:`encode_twins`) when the variant
+    augments. Returns the model and the training curve (``stage``, ``step``, ``loss``; stage
+    ``location`` or ``decoder``)."""
+    if (variant.augmentation is None) != (twins is None):
+        raise FewsamError(f"few-shot variant {variant.name}: twins are given exactly when the variant augments")
     tokens = few_shot_tokens(model, embeddings, label_slices, tasks, variant.tokens)
     curves = []
     locator = None
     if variant.locator is not None:
+        head_embeddings, head_labels = list(embeddings), list(label_slices)
+        if twins is not None:
+            head_embeddings += twins[0]
+            head_labels += twins[1]
         input_size = model.image_encoder.img_size
         locator, history = fit_location_map(
-            embeddings, label_slices, list(tasks), input_size, variant.locator, seed, progress
+            head_embeddings, head_labels, list(tasks), input_size, variant.locator, seed, progress
         )
         curves.append(("location", history))
     if variant.trains_decoder:
@@ -562,7 +618,7 @@ def fit_fewshot(
             seed,
             LOSSES[variant.loss],
             progress,
-            with_boxes=variant.segmenter == "decoder_box",
+            with_boxes=variant.prompts_boxes,
         )
         curves.append(("decoder", history))
     else:
@@ -574,22 +630,40 @@ def fit_fewshot(
     return FewShotModel(backbone, variant, dict(tasks), tokens, decoder, preprocessing, locator), curve
 
 
-def load_support(
-    manifest: Manifest, collection: Collection, cache: EmbeddingCache, progress: bool = True
-) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-    """Cached embeddings and label slices of the collection (one volume read per case)."""
+def support_slices(manifest: Manifest, collection: Collection) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Grey and label slices of the collection, grouped by case (one volume read per case)."""
     by_case: dict[str, list[int]] = {}
     for support in collection.slices:
         by_case.setdefault(support.case_id, []).append(support.slice_index)
-    embeddings, labels = [], []
-    axis = manifest.slice_axis
+    greys, labels = [], []
     for case_id, indices in by_case.items():
         volume = load_case(manifest, case_id)
-        embeddings += list(
-            cache.get_many(grey_slices(manifest, volume, indices), progress=progress, desc=f"encode support {case_id}")
-        )
-        labels += [take_slice(volume.label, axis, i) for i in indices]
-    return embeddings, labels
+        greys += grey_slices(manifest, volume, indices)
+        labels += [take_slice(volume.label, manifest.slice_axis, i) for i in indices]
+    return greys, labels
+
+
+def load_support(
+    manifest: Manifest, collection: Collection, cache: EmbeddingCache, progress: bool = True
+) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Cached embeddings and label slices of the collection."""
+    greys, labels = support_slices(manifest, collection)
+    return list(cache.get_many(greys, progress=progress, desc="encode support")), labels
+
+
+def encode_twins(
+    cache: EmbeddingCache,
+    greys: list[np.ndarray],
+    labels: list[np.ndarray],
+    variant: FewShotVariant,
+    seed: int,
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], list[np.ndarray]] | None:
+    """Embeddings and label slices of the support's augmented twins (None when the variant does not augment)."""
+    if variant.augmentation is None:
+        return None
+    twin_greys, twin_labels = augment_support(greys, labels, variant.augmentation, seed)
+    return list(cache.get_many(twin_greys, progress=progress, desc="encode augmented support")), twin_labels
 
 
 @dataclass(frozen=True)
@@ -648,8 +722,10 @@ class FewShotRun(MethodRun):
         }
 
     def prepare(self, writer: Any, case_ids: list[str]) -> None:
-        manifest, progress = self.context.manifest, self.context.progress
-        embeddings, labels = load_support(manifest, self.collection, self.cache, progress)
+        manifest, progress, seed = self.context.manifest, self.context.progress, self.context.run.seed
+        greys, labels = support_slices(manifest, self.collection)
+        embeddings = list(self.cache.get_many(greys, progress=progress, desc="encode support"))
+        twins = encode_twins(self.cache, greys, labels, self.variant, seed, progress)
         started = time.perf_counter()
         preprocessing = {"slice_axis": manifest.slice_axis, "intensity": manifest.intensity.as_dict()}
         self.model, curve = fit_fewshot(
@@ -659,14 +735,17 @@ class FewShotRun(MethodRun):
             labels,
             manifest.tasks,
             self.variant,
-            self.context.run.seed,
+            seed,
             preprocessing,
             progress,
+            twins,
         )
         self.timings["train"] = time.perf_counter() - started
         self.model.save(writer.folder / MODEL_FILE)
         curve.to_csv(writer.folder / CURVE_FILE, index=False)
         self.extra.update(final_training_loss=float(curve.loss.iloc[-1]), support_slices=len(self.collection.slices))
+        if twins is not None:
+            self.extra.update(augmented_slices=len(twins[1]))
 
     def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
         manifest = self.context.manifest

@@ -18,7 +18,7 @@ from ..data.manifest import NIFTI_SUFFIXES, SLICE_AXES, parse_axis, parse_intens
 from ..data.volumes import image_grey_slices, load_volume, take_slice
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError
-from ..methods.fewshot import FewShotModel, TrainingSettings, fit_fewshot, get_fewshot_variant
+from ..methods.fewshot import FewShotModel, TrainingSettings, encode_twins, fit_fewshot, get_fewshot_variant
 
 DEFAULT_INTENSITY = {"mode": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -79,7 +79,8 @@ def fit_on_partial_labels(
     if absent:
         raise FewsamError(f"{support_labels}: no voxel of {', '.join(absent)}; each task needs a labelled slice")
     grey = image_grey_slices(volume.image, parse_intensity(intensity, str(support)), axis)
-    embeddings = list(cache.get_many([grey[i] for i in indices], progress=progress, desc="encode support"))
+    greys = [grey[i] for i in indices]
+    embeddings = list(cache.get_many(greys, progress=progress, desc="encode support"))
     labels = [take_slice(volume.label, axis, i) for i in indices]
     chosen = get_fewshot_variant(variant).with_schedule(**asdict(settings))
     model, _ = fit_fewshot(
@@ -92,6 +93,7 @@ def fit_on_partial_labels(
         seed,
         {"slice_axis": axis, "intensity": intensity},
         progress,
+        encode_twins(cache, greys, labels, chosen, seed, progress),
     )
     return model, indices
 

@@ -27,7 +27,7 @@ from ..data.volumes import Volume, grey_slices, take_slice, task_voxels_per_slic
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError, lookup
 from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method
-from .fewshot import FewShotVariant, fit_fewshot, get_fewshot_variant
+from .fewshot import FewShotVariant, encode_twins, fit_fewshot, get_fewshot_variant
 from .prompting import bounding_box, box_prompt_tokens
 from .sam_decoding import decode_masks, resolve_overlaps
 
@@ -260,17 +260,19 @@ class FewShotOnVolume(WithinVolumeVariant):
         targets = support.reached(inputs.shape[support.axis])
         if not tasks or not targets:
             return output
-        labelled = list(cache.get_many(inputs.grey(support.indices), progress=inputs.progress, desc="encode labelled"))
+        greys, labels = inputs.grey(support.indices), [support.slices[i] for i in support.indices]
+        labelled = list(cache.get_many(greys, progress=inputs.progress, desc="encode labelled"))
         model, _ = fit_fewshot(
             cache.backbone.model,
             cache.spec.name,
             labelled,
-            [support.slices[i] for i in support.indices],
+            labels,
             tasks,
             self.fewshot,
             inputs.seed,
             {"slice_axis": support.axis},
             inputs.progress,
+            encode_twins(cache, greys, labels, self.fewshot, inputs.seed, inputs.progress),
         )
         span = range(targets[0], targets[-1] + 1)  # consecutive: a locator smooths across slices
         embeddings = torch.stack(list(cache.get_many(inputs.grey(span), progress=inputs.progress, desc="encode")))

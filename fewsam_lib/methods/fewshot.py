@@ -197,7 +197,7 @@ SEGMENTERS = {
     "decoder_box": "SAM's mask decoder, fine-tuned, prompted by the few-shot token(s) and the box of the "
     "location head's most confident component; a task the head finds absent is absent",
     "decoder_box_fused": "decoder_box, each pixel's mask probability averaged with the location head's "
-    "probability of the task (two predictors of one mask, each correcting the other's edges)",
+    "probability of the task against background (two predictors of one mask)",
 }
 
 

@@ -340,23 +340,19 @@ register_fewshot_variant(
     )
 )
 # Chosen on validation (docs/results.md): four transformed twins of every support slice.
-register_fewshot_variant(
-    FewShotVariant(
-        "located_augmented",
-        TOKEN_DESIGNS["centred"],
-        locator=CONTEXT_LOCATOR,
-        segmenter="decoder_box",
+_AUGMENTED = register_fewshot_variant(
+    dataclasses.replace(
+        FEWSHOT_VARIANTS["located_context_box"],
+        base="located_augmented",
         augmentation=SupportAugmentation(),
         description="located_context_box, its head also trained on 4 augmented twins of each support slice",
     )
 )
 register_fewshot_variant(
-    FewShotVariant(
-        "located_augmented_fused",
-        TOKEN_DESIGNS["centred"],
-        locator=CONTEXT_LOCATOR,
+    dataclasses.replace(
+        _AUGMENTED,
+        base="located_augmented_fused",
         segmenter="decoder_box_fused",
-        augmentation=SupportAugmentation(),
         description="located_augmented, the decoder's mask probability averaged with the head's",
     )
 )

@@ -16,7 +16,10 @@ from fewsam_lib.methods.fewshot import (
     FewShotModel,
     encode_twins,
     fit_fewshot,
+    fused_logits,
     get_fewshot_variant,
+    register_fewshot_variant,
+    variant_from_definition,
 )
 from fewsam_lib.methods.location import (
     LocationMap,
@@ -220,6 +223,33 @@ def test_variants_without_a_locator_keep_their_definition():
     for name in ("raw", "centred", "centred_bg"):
         assert "locator" not in FEWSHOT_VARIANTS[name].definition()
     assert FEWSHOT_VARIANTS["located"].definition()["segmenter"] == "location_map"
+
+
+def test_the_head_weight_moves_the_fused_vote_between_decoder_and_head():
+    """Plain mean without a weight; at 0.65 a pixel the head is sure of (0.9 against background)
+    wins over a silent decoder, and a pixel only the decoder backs (0.9 against a head at 0.2) is lost."""
+    decoder_probability = torch.tensor([[[0.0, 0.9]]]).clamp(1e-6, 1 - 1e-6)
+    decoded = torch.logit(decoder_probability)
+    task, background = torch.tensor([[[0.9, 0.2]]]), torch.tensor([[0.1, 0.8]])
+    plain = torch.sigmoid(fused_logits(decoded, task, background, None))
+    torch.testing.assert_close(plain, (decoder_probability + torch.tensor([[[0.9, 0.2]]])) / 2)
+    weighted = fused_logits(decoded, task, background, 0.65)
+    assert weighted[0, 0, 0] > 0 > weighted[0, 0, 1]
+    assert plain[0, 0, 0] < 0.5 < plain[0, 0, 1]
+
+
+def test_the_head_weight_is_in_the_definition_only_when_set():
+    weighted = get_fewshot_variant("located_augmented_head_weighted")
+    assert weighted.definition()["head_weight"] == 0.65
+    assert variant_from_definition(weighted.definition(), "test") == weighted
+    assert "head_weight" not in get_fewshot_variant("located_augmented_fused").definition()  # its runs keep their names
+    for bad in (
+        dataclasses.replace(weighted, base="bad_weight", head_weight=1.0),
+        dataclasses.replace(get_fewshot_variant("located_context_box"), base="bad_segmenter", head_weight=0.6),
+    ):
+        with pytest.raises(ValueError, match="head_weight"):
+            register_fewshot_variant(bad)
+    assert "bad_weight" not in FEWSHOT_VARIANTS and "bad_segmenter" not in FEWSHOT_VARIANTS
 
 
 def test_ablation_markdown_keeps_each_rows_mean_with_its_row():

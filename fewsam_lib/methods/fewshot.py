@@ -408,6 +408,21 @@ def variant_from_definition(definition: dict[str, Any], where: str) -> FewShotVa
     )
 
 
+def fused_logits(
+    decoded: torch.Tensor, task: torch.Tensor, background: torch.Tensor, head_weight: float | None
+) -> torch.Tensor:
+    """``decoder_box_fused``: logits (T, H, W) of the decoder's mask probability (from its logits
+    ``decoded``) averaged with the head's probability of each task (``task``, (T, H, W)) against
+    ``background`` ((H, W)), the head's weighted by ``head_weight`` (None: the plain mean)."""
+    # the decoder says task or background, so the head's vote is its odds of the task against background
+    against_background = task / (task + background).clamp_min(1e-8)
+    if head_weight is None:
+        mean = (torch.sigmoid(decoded) + against_background) / 2
+    else:
+        mean = head_weight * against_background + (1 - head_weight) * torch.sigmoid(decoded)
+    return torch.logit(mean.clamp(1e-6, 1 - 1e-6))
+
+
 @dataclass
 class FewShotModel:
     """A trained few-shot decoder with its tokens: segments new images without the collection."""
@@ -463,15 +478,8 @@ class FewShotModel:
             tokens = self.token_batch(model.device)[present]
             decoded = decode_with_boxes(self.decoder, model, embedding, tokens, boxes, slice_shape).cpu()
             if self.variant.segmenter == "decoder_box_fused":
-                # the decoder says task or background: the head's odds of the task against background
                 task = torch.as_tensor(probabilities[[i + 1 for i in present]])
-                against_background = task / (task + torch.as_tensor(probabilities[0])).clamp_min(1e-8)
-                if self.variant.head_weight is None:
-                    mean = (torch.sigmoid(decoded) + against_background) / 2
-                else:
-                    weight = self.variant.head_weight
-                    mean = weight * against_background + (1 - weight) * torch.sigmoid(decoded)
-                decoded = torch.logit(mean.clamp(1e-6, 1 - 1e-6))
+                decoded = fused_logits(decoded, task, torch.as_tensor(probabilities[0]), self.variant.head_weight)
             logits[present] = decoded.numpy()
         return resolve_overlaps(logits, values)
 

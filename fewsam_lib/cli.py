@@ -384,7 +384,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _segment_parser(sub: argparse._SubParsersAction) -> None:
-    from .methods.fewshot import FEWSHOT_VARIANTS, TrainingSettings
+    from .methods.fewshot import FEWSHOT, FEWSHOT_VARIANTS, TrainingSettings
 
     parser = sub.add_parser("segment", help="few-shot segmentation of a volume from a few labelled slices of another")
     parser.add_argument("--query", required=True, help="the volume to segment (NIfTI)")
@@ -404,7 +404,11 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="CT window in HU (default: 0.5-99.5 percentile of non-zero voxels, for MR)",
     )
-    parser.add_argument("--variant", default="centred", help=f"few-shot variant: {', '.join(FEWSHOT_VARIANTS)}")
+    parser.add_argument(
+        "--variant",
+        default=FEWSHOT.default_variant,
+        help=f"few-shot variant: {', '.join(FEWSHOT_VARIANTS)} (default {FEWSHOT.default_variant})",
+    )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help=f"decoder training steps (default {TrainingSettings().steps})"
     )

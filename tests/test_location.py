@@ -289,3 +289,18 @@ def test_the_validation_ranking_compares_only_variants_with_every_cell():
     ranking = validation_ranking(pd.concat([table, sam_box, table.iloc[:1].assign(split="test", slice_iou=1.0)]))
     assert ranking.variant.tolist() == ["b", "a", "c"] and ranking["rank"].tolist() == [1, 2, 0]
     assert ranking.slice_iou.tolist() == pytest.approx([0.5, 0.4, 0.9])
+
+
+def test_the_default_variant_is_the_one_the_committed_validation_runs_rank_first():
+    """`fewsam run fewshot` and `fewsam segment` default to the first of the report's ranking."""
+    import pandas as pd
+    from conftest import REPO
+
+    from fewsam_lib.cli import build_parser
+    from fewsam_lib.methods.fewshot import FEWSHOT
+    from fewsam_lib.report.benchmark import validation_ranking
+
+    ranking = validation_ranking(pd.read_csv(REPO / "results" / "tables" / "ablation.csv"))
+    assert ranking["rank"].iloc[0] == 1 and ranking.variant.iloc[0] == FEWSHOT.default_variant
+    arguments = ["segment", "--query", "q.nii.gz", "--out", "o.nii.gz"]
+    assert build_parser().parse_args(arguments).variant == FEWSHOT.default_variant

@@ -138,7 +138,7 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     anterior = table[(table.task == "anterior") & (table.level == "slice") & table.label.str.startswith("few-shot")]
     assert anterior.iou_mean.iloc[0] == pytest.approx(few[few.task == "anterior"]["mean"].iloc[0], abs=1e-4)
     headline = (results / "tables" / "headline.md").read_text()
-    assert "msd_hippocampus · anterior · mobile_sam: few-shot (5 shots, 1 seed) IoU" in headline
+    assert "msd_hippocampus · anterior · mobile_sam: few-shot `centred` (5 shots, 1 seed) IoU" in headline
     assert "; SAM box " in headline and "; nnU-Net matched budget (" in headline
     costs = pd.read_csv(results / "tables" / "cost_table.csv")
     trained = costs[costs.label.str.startswith(("few-shot", "nnU-Net"))]

@@ -36,7 +36,9 @@ def query(hippocampus):
 
 
 def _segment(*arguments: str) -> int:
-    return main(["segment", "--quiet", "--steps", "10", *map(str, arguments)])
+    # The paper-faithful variant keeps these mechanics cheap: the default one also trains a location
+    # head and encodes augmented twins (tested with real slices in test_location and test_augmentation).
+    return main(["segment", "--quiet", "--steps", "10", "--variant", "centred", *map(str, arguments)])
 
 
 def test_segment_trains_on_the_labelled_slices_writes_the_query_and_reloads(partial_support, query, tmp_path, capsys):

@@ -18,7 +18,7 @@ from ..data.manifest import NIFTI_SUFFIXES, SLICE_AXES, parse_axis, parse_intens
 from ..data.volumes import image_grey_slices, load_volume, take_slice
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError
-from ..methods.fewshot import FewShotModel, TrainingSettings, encode_twins, fit_fewshot, get_fewshot_variant
+from ..methods.fewshot import FEWSHOT, FewShotModel, TrainingSettings, encode_twins, fit_fewshot, get_fewshot_variant
 
 DEFAULT_INTENSITY = {"mode": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -109,7 +109,7 @@ def segment_query(
     labels: str | None = None,
     slice_axis: str = "axial",
     intensity: dict[str, Any] | None = None,
-    variant: str = "centred",
+    variant: str = FEWSHOT.default_variant,
     settings: TrainingSettings | None = None,
     seed: int = 0,
     checkpoint: str | Path | None = None,

@@ -271,6 +271,21 @@ def ranking_markdown(ranking: pd.DataFrame) -> str:
     )
 
 
+def default_variant_of(method: str) -> str:
+    """The variant a method's figure and headline show (the few-shot one is chosen on validation)."""
+    return get_method(method).default_variant
+
+
+def shown_fewshot(rows: pd.DataFrame) -> pd.DataFrame:
+    """The few-shot rows of :func:`labelled_summary` that headlines show: the default variant's, or,
+    where it has no run, the first variant's in the report's order (a profile without it)."""
+    learnt = rows[rows.role == "few_shot"]
+    if learnt.empty:
+        return learnt
+    default = learnt[learnt.variant == learnt.method.map(default_variant_of)]
+    return default if len(default) else learnt[learnt.variant == learnt.sort_values("order").variant.iloc[0]]
+
+
 def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | None = None) -> str:
     """The README's compact table: per dataset and task, slice IoU / volume Dice of each prompted
     method's reference variants, few-shot with the most shots (default variant) and each supervised
@@ -285,9 +300,7 @@ def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | N
     picked = []
     for (_dataset, _task), part in frame.groupby(["dataset", "task"], sort=True):
         picked.append(_references(part))
-        learnt = part[
-            (part.role == "few_shot") & (part.variant == part.method.map(lambda name: get_method(name).default_variant))
-        ]
+        learnt = shown_fewshot(part)
         if len(learnt):
             picked.append(learnt[learnt.shots.astype(int) == learnt.shots.astype(int).max()])
         picked.append(part[part.role == "supervised"])
@@ -312,9 +325,11 @@ def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | N
                 },
             }
         )
+    variants = ", ".join(f"`{name}`" for name in sorted(set(chosen[chosen.role == "few_shot"].variant)))
     return (
-        f"Slice IoU / volume Dice, profile means; SAM-based rows with `{backbone}`; few-shot at its largest\n"
-        "shot count, nnU-Net per label budget. Every row with its 95% CI:\n"
+        f"Slice IoU / volume Dice, profile means; SAM-based rows with `{backbone}`; few-shot ({variants}, the\n"
+        "variant ranked first on validation where it has runs) at its largest shot count, nnU-Net per label\n"
+        "budget. Every row with its 95% CI:\n"
         "[results/tables/main_table.md](results/tables/main_table.md).\n\n"
         + pd.DataFrame(rows).to_markdown(index=False)
         + "\n"
@@ -360,9 +375,10 @@ def _finish_panels(figure: plt.Figure, axes: np.ndarray, used: int) -> None:
 def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.Figure:
     """Slice-level IoU against labelled training slices, one panel per dataset and task.
 
-    Few-shot: one curve per backbone at the mean number of distinct labelled slices of its
-    collections; nnU-Net: points at the labelled slices of their budgets; SAM one point and box:
-    horizontal references (they need a prompt on every test slice instead of training labels).
+    Few-shot (:func:`shown_fewshot`: the variant ranked first on validation): one curve per backbone
+    at the mean number of distinct labelled slices of its collections; nnU-Net: points at the
+    labelled slices of their budgets; SAM one point and box: horizontal references (they need a
+    prompt on every test slice instead of training labels).
     """
     iou = labelled_summary(summary[(summary.metric == "iou") & (summary.level == "slice")], index)
     panels = iou[["dataset", "task"]].drop_duplicates().values.tolist()
@@ -381,7 +397,7 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
     for ax, (dataset, task) in zip(axes.ravel(), panels):
         part = iou[(iou.dataset == dataset) & (iou.task == task)]
         ticks: set[int] = set()
-        for (backbone, variant), line in part[part.role == "few_shot"].groupby(["backbone", "variant"]):
+        for (backbone, variant), line in shown_fewshot(part).groupby(["backbone", "variant"]):
             line = line.assign(x=[slices_of.get((dataset, backbone, variant, int(s)), np.nan) for s in line.shots])
             line = line.sort_values("x")
             ticks |= {round(x) for x in line.x if np.isfinite(x)}
@@ -392,7 +408,7 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
                 marker="o",
                 color=colours[backbone],
                 capsize=2,
-                label=f"few-shot · {backbone}",
+                label=f"few-shot ({variant}) · {backbone}",
             )
         for row in part[part.role == "supervised"].itertuples():
             ticks.add(int(row.shots))
@@ -542,7 +558,7 @@ def headline_sentences(summary: pd.DataFrame, index: pd.DataFrame) -> list[str]:
     sentences = []
     for (dataset, task), part in iou.groupby(["dataset", "task"], sort=True):
         slices = part[part.level == "slice"]
-        fewshot = slices[slices.role == "few_shot"]
+        fewshot = shown_fewshot(slices)
         if fewshot.empty:
             sentences.append(f"{dataset} · {task}: no few-shot run yet.")
             continue
@@ -551,7 +567,10 @@ def headline_sentences(summary: pd.DataFrame, index: pd.DataFrame) -> list[str]:
             best_shots = max(int(s) for s in runs.shots)
             few = runs[runs.shots == str(best_shots)].iloc[0]
             seeds = f"{few.seeds} seed{'s' if few.seeds != 1 else ''}"
-            text = f"{dataset} · {task} · {backbone}: few-shot ({best_shots} shots, {seeds}) IoU {few['mean']:.3f}"
+            text = (
+                f"{dataset} · {task} · {backbone}: few-shot `{few.variant}` ({best_shots} shots, {seeds}) "
+                f"IoU {few['mean']:.3f}"
+            )
             references = _references(slices[slices.backbone == backbone]).sort_values("order")
             for position, row in enumerate(references.itertuples()):
                 text += f"; {row.label} {row.mean:.3f}"

@@ -264,8 +264,8 @@ def ranking_markdown(ranking: pd.DataFrame) -> str:
             shown.to_markdown(index=False, floatfmt=".3f"),
             "",
             "Mean over the (dataset, shots) cells of the validation runs of each cell's task-mean slice IoU "
-            "(volume Dice beside it); a variant missing a cell is not ranked. The default variant becomes the first "
-            "once its `cpu` runs exist (docs/results.md).",
+            "(volume Dice beside it); a variant missing a cell is not ranked. The first is the default variant "
+            "(`FewShot.default_variant`, checked by a test; docs/results.md).",
             "",
         ]
     )
@@ -327,9 +327,9 @@ def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | N
         )
     variants = ", ".join(f"`{name}`" for name in sorted(set(chosen[chosen.role == "few_shot"].variant)))
     return (
-        f"Slice IoU / volume Dice, profile means; SAM-based rows with `{backbone}`; few-shot ({variants}, the\n"
-        "variant ranked first on validation where it has runs) at its largest shot count, nnU-Net per label\n"
-        "budget. Every row with its 95% CI:\n"
+        f"Slice IoU / volume Dice, profile means; SAM-based rows with `{backbone}`; few-shot at its largest\n"
+        f"shot count ({variants}: the variant ranked first on validation, where it has runs);\n"
+        "nnU-Net per label budget. Every row with its 95% CI:\n"
         "[results/tables/main_table.md](results/tables/main_table.md).\n\n"
         + pd.DataFrame(rows).to_markdown(index=False)
         + "\n"

@@ -21,6 +21,7 @@ from fewsam_lib.data.volumes import grey_slices, load_case, take_slice
 from fewsam_lib.errors import FewsamError
 from fewsam_lib.report.benchmark import (
     REPORT_TABLES,
+    _compared,
     headline_sentences,
     label_efficiency_figure,
     nnunet_schedule_table,
@@ -138,7 +139,9 @@ def test_reproduce_skips_complete_runs_and_writes_overview_summary_and_figures(
     anterior = table[(table.task == "anterior") & (table.level == "slice") & table.label.str.startswith("few-shot")]
     assert anterior.iou_mean.iloc[0] == pytest.approx(few[few.task == "anterior"]["mean"].iloc[0], abs=1e-4)
     headline = (results / "tables" / "headline.md").read_text()
-    assert "msd_hippocampus · anterior · mobile_sam: few-shot `centred` (5 shots, 1 seed) IoU" in headline
+    # The smoke profile has no run of the default variant: its headline names the one it shows.
+    assert "msd_hippocampus · anterior · mobile_sam: few-shot `centred-" in headline
+    assert "` (5 shots, 1 seed) IoU" in headline
     assert "; SAM box " in headline and "; nnU-Net matched budget (" in headline
     costs = pd.read_csv(results / "tables" / "cost_table.csv")
     trained = costs[costs.label.str.startswith(("few-shot", "nnU-Net"))]
@@ -265,10 +268,14 @@ def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(t
 
 
 def test_headline_calls_equal_printed_scores_level_rather_than_below():
+    assert _compared(0.0, 0.0004) == "level with"  # both print as 0.000
+    assert _compared(0.4164, 0.4156) == "level with" and _compared(0.417, 0.416) == "0.001 IoU above"
     committed = Path(__file__).resolve().parents[1] / "results"
-    sentences = headline_sentences(pd.read_csv(committed / "tables" / "summary.csv"), run_index(committed))
+    summary = pd.read_csv(committed / "tables" / "summary.csv")
+    sentences = headline_sentences(summary[summary.profile == "cpu"], run_index(committed, "cpu"))
     brainstem = next(s for s in sentences if s.startswith("openkbp_hn_ct · Brainstem · mobile_sam"))
-    assert "IoU 0.000" in brainstem and "nnU-Net full (2059 slices, 2d) 0.000 (level with few-shot)" in brainstem
+    assert "few-shot `located_augmented_head_weighted` (20 shots" in brainstem  # the default variant's row
+    assert brainstem in (committed / "tables" / "headline.md").read_text()  # as the report wrote it
     assert not any("0.000 IoU" in sentence for sentence in sentences)
 
 

@@ -8,8 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_predictions_reproduce_the_metrics
 
+from fewsam_lib.bench.metrics import overlap
 from fewsam_lib.bench.profiles import load_profile
 from fewsam_lib.bench.runs import load_run
 from fewsam_lib.data.volumes import load_case, task_voxels_per_slice
@@ -241,3 +243,58 @@ def test_the_report_says_plainly_where_few_shot_does_not_beat_copying_or_interpo
         "d · t · k=8: no few-shot run to compare yet",
         "d · t · k=16: no few-shot run to compare yet",
     ]
+
+
+@pytest.fixture(scope="module")
+def adapted_run(hippocampus, test_volume):
+    """``fewshot_adapted`` made cheap (a 1-shot collection, short schedules), prepared on the real
+    training cases, and its run ready to segment the first hippocampus test volume."""
+    from dataclasses import replace
+
+    base = within_volume.get_fewshot_variant("located_augmented_head_weighted").with_schedule(steps=5)
+    cheap = within_volume.FewShotAdapted(replace(base, locator=replace(base.locator, steps=60)), shots=1, head_steps=10)
+    profile = load_profile("smoke").for_dataset(hippocampus.path)
+    run = PlannedRun("within_volume", str(hippocampus.path), "mobile_sam", cheap.name, 0, "smoke", 4, BUDGET)
+    method_run = WITHIN_VOLUME.start(RunContext(run, hippocampus, profile, progress=False))
+    prepared = cheap.prepared(hippocampus, 0, method_run.cache, False)
+    method_run.variant = prepared.variant
+    return method_run, prepared, profile.scored_slices(hippocampus, test_volume)
+
+
+def test_the_adapted_model_learns_its_collection_from_training_cases_and_keeps_its_head(
+    hippocampus, test_volume, adapted_run
+):
+    method_run, prepared, extent = adapted_run
+    collection = {entry["case_id"] for entry in prepared.record["collection"]["slices"]}
+    assert collection and collection <= set(hippocampus.case_ids("train"))
+    assert set(prepared.files) == {"fewshot_model.pt", "training_curve.csv"} and prepared.seconds > 0
+    head = {key: value.clone() for key, value in prepared.variant.model.locator.head.state_dict().items()}
+    prediction = method_run.predict_case(test_volume, extent)
+    # the head is fine-tuned per volume on a copy: the collection's stays as trained
+    after = prepared.variant.model.locator.head.state_dict()
+    assert all(torch.equal(head[key], after[key]) for key in head)
+    axis, labelled = hippocampus.slice_axis, prediction.withheld_slices
+    predicted, truth = np.moveaxis(prediction.labels, axis, 0), np.moveaxis(test_volume.label, axis, 0)
+    next_to_labelled = [i for i in prediction.scored_slices if min(abs(i - j) for j in labelled) == 1]
+    farther = [i for i in prediction.scored_slices if min(abs(i - j) for j in labelled) > 1 and truth[i].any()]
+    assert next_to_labelled and farther
+    nearest = SparseLabels(axis, 4, {j: truth[j] for j in labelled}).nearest
+    assert all(np.array_equal(predicted[i], truth[nearest(i)]) for i in next_to_labelled)
+    # farther slices are the model's own: the anatomy found, not copied
+    dice = [overlap(truth[i] > 0, predicted[i] > 0)[1] for i in farther]
+    assert np.mean(dice) > 0.5, dice
+    assert not all(np.array_equal(predicted[i], truth[nearest(i)]) for i in farther)
+
+
+def test_no_scored_slice_ground_truth_reaches_the_adapted_model(hippocampus, test_volume, adapted_run):
+    method_run, _, extent = adapted_run
+    true = method_run.predict_case(test_volume, extent)
+    scrambled = test_volume.label.copy()
+    moved = np.moveaxis(scrambled, hippocampus.slice_axis, 0)
+    rng = np.random.default_rng(0)
+    for index in true.scored_slices:
+        moved[index] = rng.integers(0, 3, moved[index].shape)
+    from dataclasses import replace
+
+    changed = method_run.predict_case(replace(test_volume, label=scrambled), extent)
+    assert np.array_equal(changed.labels, true.labels)

@@ -694,6 +694,51 @@ def encode_twins(
     return list(cache.get_many(twin_greys, progress=progress, desc="encode augmented support")), twin_labels
 
 
+@dataclass
+class CollectionModel:
+    """A few-shot model trained on a collection, with its training curve and what it saw."""
+
+    model: FewShotModel
+    curve: pd.DataFrame
+    support_slices: int
+    augmented_slices: int | None
+    train_seconds: float
+
+    def counts(self) -> dict[str, int]:
+        counts = {"support_slices": self.support_slices}
+        return counts if self.augmented_slices is None else {**counts, "augmented_slices": self.augmented_slices}
+
+
+def train_on_collection(
+    manifest: Manifest,
+    collection: Collection,
+    cache: EmbeddingCache,
+    variant: FewShotVariant,
+    seed: int,
+    progress: bool = True,
+) -> CollectionModel:
+    """Encode the collection (and its twins when the variant augments) and train the variant on it."""
+    greys, labels = support_slices(manifest, collection)
+    embeddings = list(cache.get_many(greys, progress=progress, desc="encode support"))
+    twins = encode_twins(cache, greys, labels, variant, seed, progress)
+    started = time.perf_counter()
+    preprocessing = {"slice_axis": manifest.slice_axis, "intensity": manifest.intensity.as_dict()}
+    model, curve = fit_fewshot(
+        cache.backbone.model,
+        cache.spec.name,
+        embeddings,
+        labels,
+        manifest.tasks,
+        variant,
+        seed,
+        preprocessing,
+        progress,
+        twins,
+    )
+    seconds = time.perf_counter() - started
+    return CollectionModel(model, curve, len(collection.slices), None if twins is None else len(twins[1]), seconds)
+
+
 @dataclass(frozen=True)
 class FewShotSection:
     """The ``fewshot`` section of a profile."""
@@ -751,29 +796,12 @@ class FewShotRun(MethodRun):
 
     def prepare(self, writer: Any, case_ids: list[str]) -> None:
         manifest, progress, seed = self.context.manifest, self.context.progress, self.context.run.seed
-        greys, labels = support_slices(manifest, self.collection)
-        embeddings = list(self.cache.get_many(greys, progress=progress, desc="encode support"))
-        twins = encode_twins(self.cache, greys, labels, self.variant, seed, progress)
-        started = time.perf_counter()
-        preprocessing = {"slice_axis": manifest.slice_axis, "intensity": manifest.intensity.as_dict()}
-        self.model, curve = fit_fewshot(
-            self.cache.backbone.model,
-            self.backbone,
-            embeddings,
-            labels,
-            manifest.tasks,
-            self.variant,
-            seed,
-            preprocessing,
-            progress,
-            twins,
-        )
-        self.timings["train"] = time.perf_counter() - started
+        trained = train_on_collection(manifest, self.collection, self.cache, self.variant, seed, progress)
+        self.model = trained.model
+        self.timings["train"] = trained.train_seconds
         self.model.save(writer.folder / MODEL_FILE)
-        curve.to_csv(writer.folder / CURVE_FILE, index=False)
-        self.extra.update(final_training_loss=float(curve.loss.iloc[-1]), support_slices=len(self.collection.slices))
-        if twins is not None:
-            self.extra.update(augmented_slices=len(twins[1]))
+        trained.curve.to_csv(writer.folder / CURVE_FILE, index=False)
+        self.extra.update(final_training_loss=float(trained.curve.loss.iloc[-1]), **trained.counts())
 
     def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
         manifest = self.context.manifest

@@ -19,6 +19,7 @@ class 0 background, class i the i-th task in label order.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -208,20 +209,25 @@ def fit_location_map(
     settings: LocationSettings,
     seed: int,
     progress: bool = True,
+    start: LocationHead | None = None,
 ) -> tuple[LocationMap, list[float]]:
-    """Train a head on the collection's cached embeddings and label slices; returns it and the loss per step."""
+    """Train a head on the collection's cached embeddings and label slices; returns it and the loss per
+    step. From ``start`` (a trained head, left unchanged) it fine-tunes a copy instead, and a value
+    without a labelled cell keeps what ``start`` knows of it."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    head = _new_head(settings, len(values) + 1)
+    head = _new_head(settings, len(values) + 1) if start is None else copy.deepcopy(start).train().requires_grad_(True)
     untrained = LocationMap(head, settings, input_size)
     features = torch.stack([untrained.features(e, label.shape) for e, label in zip(embeddings, label_slices)])
     targets = torch.stack([cell_fractions(label, values, input_size) for label in label_slices])
     inside = torch.stack([image_cells(label.shape, input_size) for label in label_slices]).float()
     cells = (targets * inside[:, None]).sum(dim=(0, 2, 3))
-    if (cells[1:] == 0).any():
+    if start is None and (cells[1:] == 0).any():
         missing = [values[i] for i in np.flatnonzero(cells[1:].numpy() == 0)]
         raise FewsamError(f"no labelled cell of label value(s) {missing} in the few-shot collection")
-    class_weights = (cells.sum() / (cells * len(cells))) ** settings.class_weight_power
+    # a value without cells has no target to weigh: its weight only has to stay finite
+    counted = torch.where(cells > 0, cells, torch.ones_like(cells))
+    class_weights = (cells.sum() / (counted * len(cells))) ** settings.class_weight_power
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     per_step = min(settings.slices_per_step, len(features))
     history = []

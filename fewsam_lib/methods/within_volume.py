@@ -18,7 +18,8 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ class WithinVolumePrepared:
     variant: WithinVolumeVariant
     seconds: float = 0.0
     record: dict[str, Any] = field(default_factory=dict)  # for run.json's ``extra``
-    files: dict[str, Any] = field(default_factory=dict)  # file name -> callable writing it to a path
+    files: dict[str, Callable[[Path], Any]] = field(default_factory=dict)  # file name -> its writer
 
 
 WITHIN_VOLUME_VARIANTS: dict[str, WithinVolumeVariant] = {}
@@ -258,6 +259,14 @@ class SamBoxPropagated(WithinVolumeVariant):
         return output
 
 
+def _segment_reached(model: FewShotModel, inputs: TrackInputs, targets: list[int]) -> np.ndarray:
+    """The few-shot model's label volume over the slices from the first to the last of ``targets``."""
+    cache, axis = inputs.cache, inputs.support.axis
+    span = range(targets[0], targets[-1] + 1)  # consecutive: a locator smooths across slices
+    embeddings = torch.stack(list(cache.get_many(inputs.grey(span), progress=inputs.progress, desc="encode")))
+    return model.segment_volume(cache.backbone.model, embeddings, inputs.shape, axis, span)
+
+
 @dataclass(frozen=True)
 class FewShotOnVolume(WithinVolumeVariant):
     """A few-shot model (``fewsam segment``'s path) trained on the volume's own labelled slices with
@@ -302,9 +311,7 @@ class FewShotOnVolume(WithinVolumeVariant):
             inputs.progress,
             encode_twins(cache, greys, labels, self.fewshot, inputs.seed, inputs.progress),
         )
-        span = range(targets[0], targets[-1] + 1)  # consecutive: a locator smooths across slices
-        embeddings = torch.stack(list(cache.get_many(inputs.grey(span), progress=inputs.progress, desc="encode")))
-        segmented = model.segment_volume(cache.backbone.model, embeddings, inputs.shape, support.axis, span)
+        segmented = _segment_reached(model, inputs, targets)
         for index in targets:
             _put(output, support.axis, index, take_slice(segmented, support.axis, index))
         return output
@@ -377,15 +384,16 @@ class FewShotAdapted(WithinVolumeVariant):
             progress=False,
             start=self.model.locator.head,
         )
-        tuned = replace(self.model, locator=locator)
-        span = range(targets[0], targets[-1] + 1)  # consecutive: the head smooths across slices
-        embeddings = torch.stack(list(cache.get_many(inputs.grey(span), progress=inputs.progress, desc="encode")))
-        segmented = tuned.segment_volume(cache.backbone.model, embeddings, inputs.shape, support.axis, span)
+        segmented = _segment_reached(replace(self.model, locator=locator), inputs, targets)
         for index in targets:
             nearest = support.nearest(index)
             copied = abs(index - nearest) <= self.copy_distance
-            labels = support.slices[nearest] if copied else take_slice(segmented, support.axis, index)
-            _put(output, support.axis, index, labels)
+            _put(
+                output,
+                support.axis,
+                index,
+                support.slices[nearest] if copied else take_slice(segmented, support.axis, index),
+            )
         return output
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import FewsamError
-from .sections import positive_int
+from .sections import non_negative_int, positive_int
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -261,9 +261,14 @@ def _segment(args: argparse.Namespace) -> int:
         device=args.device,
         encoder_path=args.encoder_path,
         progress=not args.quiet,
+        adapt_steps=args.adapt_steps,
+        copy_distance=args.copy_distance,
     )
     if result.support_slices:
-        print(f"trained on {len(result.support_slices)} labelled slices of {args.support}: {result.support_slices}")
+        done = f"adapted {args.model} to" if result.adapted else ("read" if args.model else "trained on")
+        print(f"{done} {len(result.support_slices)} labelled slices of {args.support}: {result.support_slices}")
+    if result.copy_distance is not None:
+        print(f"labelled slices kept; slices within {result.copy_distance} of one copy its labels")
     if result.model_file is not None:
         print(f"few-shot model: {result.model_file}")
     voxels = ", ".join(f"{name} {count} voxels" for name, count in result.predicted_voxels.items())
@@ -384,14 +389,22 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _segment_parser(sub: argparse._SubParsersAction) -> None:
-    from .methods.fewshot import FEWSHOT, FEWSHOT_VARIANTS, TrainingSettings
+    from .methods.fewshot import ADAPT_STEPS, FEWSHOT, FEWSHOT_VARIANTS, TrainingSettings
+    from .methods.within_volume import COPY_DISTANCE
 
-    parser = sub.add_parser("segment", help="few-shot segmentation of a volume from a few labelled slices of another")
+    parser = sub.add_parser(
+        "segment", help="few-shot segmentation of a volume from a few labelled slices of it or of another"
+    )
     parser.add_argument("--query", required=True, help="the volume to segment (NIfTI)")
     parser.add_argument("--out", required=True, help="where to write the predicted label volume (.nii or .nii.gz)")
     parser.add_argument("--support", default=None, help="a volume with some labelled slices (NIfTI)")
     parser.add_argument("--support-labels", default=None, help="its label volume; slices without any label are ignored")
-    parser.add_argument("--model", default=None, help="a saved few-shot model instead of training")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a saved few-shot model instead of training; with --support its location head is fine-tuned "
+        "on the support's labelled slices first (the best method of the within-volume benchmark)",
+    )
     parser.add_argument("--save-model", default=None, help="save the trained few-shot model here")
     parser.add_argument("--backbone", default="mobile_sam")
     parser.add_argument("--labels", default=None, help="task names, e.g. 1=anterior,2=posterior")
@@ -411,6 +424,20 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help=f"decoder training steps (default {TrainingSettings().steps})"
+    )
+    parser.add_argument(
+        "--adapt-steps",
+        type=non_negative_int,
+        default=ADAPT_STEPS,
+        help=f"with --model and --support: location-head fine-tuning steps (default {ADAPT_STEPS}; 0: none)",
+    )
+    parser.add_argument(
+        "--copy-distance",
+        type=non_negative_int,
+        default=None,
+        help=f"when --query is the --support volume: its labelled slices keep their labels and slices this "
+        f"close to one copy them (default {COPY_DISTANCE}, measured best in the within-volume benchmark; 0: "
+        f"labelled slices only)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None)

@@ -94,6 +94,47 @@ def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(
     assert overlap(truth > 0, np.asarray(nib.load(out).dataobj) > 0)[1] > 0.3
 
 
+@pytest.fixture(scope="module")
+def located_model(partial_support, tmp_path_factory):
+    """A saved model with a location head (variant ``located``, 10 decoder steps) from the support."""
+    image, partial, _, _ = partial_support
+    folder = tmp_path_factory.mktemp("located")
+    arguments = ["--support", image, "--support-labels", partial, "--query", image, "--out", folder / "first.nii.gz"]
+    saved = ["--save-model", folder / "model.pt", "--copy-distance", "0"]
+    assert main(["segment", "--quiet", "--steps", "10", "--variant", "located", *map(str, arguments + saved)]) == 0
+    return folder / "model.pt"
+
+
+def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_labelled_slices(
+    partial_support, located_model, hippocampus, tmp_path, capsys
+):
+    """``--model`` with ``--support`` fine-tunes a copy of the saved location head on the support's
+    labelled slices; the query being the support, its labelled slices keep their labels and the slices
+    next to them (``--copy-distance``, default 1) copy them."""
+    image, partial, _, keep = partial_support
+    saved_bytes = located_model.read_bytes()
+    support = ["--model", located_model, "--support", image, "--support-labels", partial, "--query", image]
+    outs = {name: tmp_path / f"{name}.nii.gz" for name in ("adapted", "loaded", "no_copy")}
+    assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["adapted"]])]) == 0
+    printed = capsys.readouterr().out
+    assert f"adapted {located_model} to 3 labelled slices of {image}: {keep}" in printed
+    assert "slices within 1 of one copy its labels" in printed
+    assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["loaded"], "--adapt-steps", "0"])]) == 0
+    assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["no_copy"], "--copy-distance", "0"])]) == 0
+    assert located_model.read_bytes() == saved_bytes  # the saved model itself is never changed
+
+    truth = np.asarray(nib.load(partial).dataobj)
+    adapted, loaded, no_copy = (np.asarray(nib.load(outs[name]).dataobj) for name in ("adapted", "loaded", "no_copy"))
+    for index in keep:  # the user's labels stay, with or without copying
+        np.testing.assert_array_equal(adapted[:, :, index], truth[:, :, index])
+        np.testing.assert_array_equal(no_copy[:, :, index], truth[:, :, index])
+    np.testing.assert_array_equal(adapted[:, :, keep[0] - 1], truth[:, :, keep[0]])
+    np.testing.assert_array_equal(adapted[:, :, keep[-1] + 1], truth[:, :, keep[-1]])
+    farther = [i for i in range(truth.shape[2]) if min(abs(i - k) for k in keep) > 1]
+    np.testing.assert_array_equal(adapted[:, :, farther], no_copy[:, :, farther])  # copying reaches no farther
+    assert (adapted[:, :, farther] != loaded[:, :, farther]).any()  # the fine-tuned head segments differently
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -102,8 +143,9 @@ def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(
         ("unknown_backbone", "unknown backbone 'sam_vit_z'"),
         ("unnamed_label", "label values [2] are not named in --labels"),
         ("missing_query", "missing.nii.gz: file does not exist"),
-        ("model_and_support", "exclude each other"),
+        ("support_without_labels", "give --support and --support-labels together"),
         ("nothing_to_learn_from", "give --support and --support-labels"),
+        ("copy_into_another_volume", "--copy-distance copies labels within one volume"),
     ],
 )
 def test_segment_errors_are_one_clear_line(case, expected, partial_support, query, hippocampus, tmp_path, capsys):
@@ -116,11 +158,32 @@ def test_segment_errors_are_one_clear_line(case, expected, partial_support, quer
         "unknown_backbone": [*support, "--backbone", "sam_vit_z"],
         "unnamed_label": [*support, "--labels", "1=anterior"],
         "missing_query": [*support],
-        "model_and_support": [*support, "--model", tmp_path / "model.pt"],
+        "support_without_labels": ["--support", image],
         "nothing_to_learn_from": [],
+        "copy_into_another_volume": [*support, "--copy-distance", "1"],
     }[case]
     query_image = tmp_path / "missing.nii.gz" if case == "missing_query" else query.image
     assert _segment(*arguments, "--query", query_image, "--out", tmp_path / "out.nii.gz") == 2
     error = capsys.readouterr().err
     assert expected in error and "Traceback" not in error and error.count("\n") == 1
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_segment_refuses_to_adapt_what_it_cannot(
+    fewshot_smoke_run, located_model, partial_support, query, tmp_path, capsys
+):
+    """A model without a location head, or support labels the model has no task for: one clear line."""
+    image, partial, _, keep = partial_support
+    label = nib.load(partial)
+    foreign = np.asarray(label.dataobj).copy()
+    foreign[:, :, keep[0]][foreign[:, :, keep[0]] == 2] = 3
+    nib.save(nib.Nifti1Image(foreign, label.affine, label.header), tmp_path / "foreign.nii.gz")
+    for model, labels, expected in (
+        (fewshot_smoke_run / MODEL_FILE, partial, "few-shot variant 'centred' has no location head to adapt"),
+        (located_model, tmp_path / "foreign.nii.gz", f"label values [3] are not tasks of {located_model}"),
+    ):
+        arguments = ["--model", model, "--support", image, "--support-labels", labels, "--query", query.image]
+        assert main(["segment", "--quiet", *map(str, [*arguments, "--out", tmp_path / "out.nii.gz"])]) == 2
+        error = capsys.readouterr().err
+        assert expected in error and "Traceback" not in error and error.count("\n") == 1
+        assert not (tmp_path / "out.nii.gz").exists()

@@ -92,6 +92,26 @@ def test_nearest_slice_copies_the_nearest_labelled_slice_and_the_lower_one_on_a_
     assert not predicted[13:].any()  # more than half a step beyond the last one
 
 
+def test_copying_next_to_labelled_slices_reaches_only_so_far_and_takes_the_lower_slice_on_a_tie():
+    labelled = {2: np.full((3, 3), 1, np.uint8), 4: np.full((3, 3), 2, np.uint8)}
+    predicted = np.full((3, 8, 3), 7, np.uint8)  # slice axis 1
+    copied = within_volume.copy_near_labelled(predicted, 1, labelled, 1)
+    assert [int(copied[0, i, 0]) for i in range(8)] == [7, 1, 1, 1, 2, 2, 7, 7]  # slice 3: a tie, the lower wins
+    assert [int(v) for v in within_volume.copy_near_labelled(predicted, 1, labelled, 0)[0, :, 0]] == [
+        7,
+        7,
+        1,
+        7,
+        2,
+        7,
+        7,
+        7,
+    ]
+    only = within_volume.copy_near_labelled(predicted, 1, labelled, 1, only=[5])
+    assert [int(v) for v in only[0, :, 0]] == [7, 7, 1, 7, 2, 2, 7, 7]
+    assert (predicted == 7).all()  # the input is left as it was
+
+
 def test_interpolation_keeps_a_labelled_slice_and_puts_a_shape_between_two():
     label = _hand_made()
     predicted = _segment("interpolation", label, [0, 8, 16], step=8)
@@ -238,7 +258,10 @@ def test_the_report_says_plainly_where_few_shot_does_not_beat_copying_or_interpo
         "d · t · k=8: fewshot_located_context_box (b) 0.800 beats interpolation 0.750",
         "d · t · k=16: fewshot_located_context_box (b) 0.600 does not beat nearest_slice 0.650",
     ]
-    assert "does not beat" in within_volume_markdown(table)
+    markdown = within_volume_markdown(table)
+    assert "does not beat" in markdown
+    header = next(line for line in markdown.splitlines() if "k=" in line)
+    assert header.index("k=4") < header.index("k=8") < header.index("k=16")  # numeric, not first-seen, order
     assert within_volume_verdicts(table[~table.variant.str.startswith("fewshot")]) == [
         "d · t · k=8: no few-shot run to compare yet",
         "d · t · k=16: no few-shot run to compare yet",

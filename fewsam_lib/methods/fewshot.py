@@ -63,6 +63,10 @@ MODEL_FORMAT = "fewsam-fewshot-decoder-v2"
 READABLE_FORMATS = ("fewsam-fewshot-decoder-v1", MODEL_FORMAT)
 MODEL_FILE = "fewshot_model.pt"  # git-ignored (~16 MB of decoder weights); the run regenerates it
 CURVE_FILE = "training_curve.csv"
+# Fine-tuning a trained location head on one volume's labelled slices (FewShotModel.adapted), chosen
+# on validation for the within-volume track (docs/results.md): 100 steps at lr 3e-4.
+ADAPT_STEPS = 100
+ADAPT_LEARNING_RATE = 3e-4
 
 
 @dataclass(frozen=True)
@@ -497,6 +501,35 @@ class FewShotModel:
         labels = np.zeros(volume_shape, dtype=np.uint8)
         np.moveaxis(labels, axis, 0)[extent.start : extent.stop] = self.segment(model, embeddings, slice_shape)
         return labels
+
+    def adapted(
+        self,
+        embeddings: list[torch.Tensor],
+        label_slices: list[np.ndarray],
+        seed: int,
+        steps: int = ADAPT_STEPS,
+        learning_rate: float = ADAPT_LEARNING_RATE,
+    ) -> FewShotModel:
+        """A copy whose location head is fine-tuned on labelled slices of the volume to segment (their
+        embeddings (256, 64, 64) and label maps (H, W)); decoder and tokens stay as trained. A task with
+        no voxel on these slices keeps what the head knew of it."""
+        if self.locator is None:
+            raise FewsamError(
+                f"few-shot variant '{self.variant.base}' has no location head to adapt to a volume's labelled "
+                f"slices (a located variant has one, e.g. the default '{FEWSHOT.default_variant}')"
+            )
+        settings = dataclasses.replace(self.locator.settings, steps=steps, learning_rate=learning_rate)
+        locator, _ = fit_location_map(
+            embeddings,
+            label_slices,
+            list(self.tasks),
+            self.locator.input_size,
+            settings,
+            seed,
+            progress=False,
+            start=self.locator.head,
+        )
+        return dataclasses.replace(self, locator=locator)
 
     def save(self, path: str | Path) -> Path:
         """Decoder weights and tokens in one small file (atomic write)."""

@@ -1,8 +1,12 @@
-"""The user's case: label a few slices of one volume, segment another (``fewsam segment``).
+"""The user's case: label a few slices of a volume, segment the rest of it or another volume
+(``fewsam segment``).
 
 The support label volume may be partial: every slice with at least one labelled voxel counts as
 annotated (and fully annotated: a task missing from it is a negative example); slices with no
-label at all are ignored. The trained decoder can be saved and reused with ``--model``.
+label at all are ignored. The trained model can be saved and reused with ``--model``; a saved model
+given a support too has its location head fine-tuned on the support's labelled slices first, the
+within-volume track's best method (``fewshot_adapted_...``, docs/results.md). When the query is the
+support volume, its labelled slices keep their labels and their neighbours copy them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ from ..data.manifest import NIFTI_SUFFIXES, SLICE_AXES, parse_axis, parse_intens
 from ..data.volumes import image_grey_slices, load_volume, take_slice
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError
-from ..methods.fewshot import FEWSHOT, FewShotModel, TrainingSettings, encode_twins, fit_fewshot, get_fewshot_variant
+from .fewshot import (
+    ADAPT_STEPS,
+    FEWSHOT,
+    FewShotModel,
+    TrainingSettings,
+    encode_twins,
+    fit_fewshot,
+    get_fewshot_variant,
+)
+from .within_volume import COPY_DISTANCE, copy_near_labelled
 
 DEFAULT_INTENSITY = {"mode": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -30,6 +43,8 @@ class SegmentResult:
     support_slices: list[int]
     predicted_voxels: dict[str, int]
     model_file: Path | None
+    adapted: bool = False  # a loaded model's location head fine-tuned on the support's labelled slices
+    copy_distance: int | None = None  # the query is the support: labels copied this far from a labelled slice
 
 
 def parse_label_names(text: str | None, values: list[int]) -> dict[int, str]:
@@ -50,52 +65,93 @@ def annotated_slices(label: np.ndarray, axis: int) -> list[int]:
     return [int(i) for i in np.flatnonzero(moved.any(axis=1))]
 
 
-def fit_on_partial_labels(
-    support: Path,
-    support_labels: Path,
-    cache: EmbeddingCache,
-    tasks_text: str | None,
-    slice_axis: str,
-    intensity: dict[str, Any],
-    variant: str,
-    settings: TrainingSettings,
-    seed: int,
-    progress: bool,
-) -> tuple[FewShotModel, list[int]]:
-    """Train a few-shot decoder on the annotated slices of one support volume."""
-    axis = parse_axis(slice_axis, "--slice-axis")
+@dataclass
+class PartialLabels:
+    """The annotated slices of one support volume, cut and normalised for the encoder."""
+
+    indices: list[int]  # slice indices along the slice axis
+    greys: list[np.ndarray]  # (H, W) encoder-ready grey slices
+    labels: list[np.ndarray]  # (H, W) label maps
+    present: list[int]  # label values with a voxel on them
+
+    def by_index(self) -> dict[int, np.ndarray]:
+        return dict(zip(self.indices, self.labels))
+
+
+def read_partial_labels(support: Path, support_labels: Path, axis: int, intensity: dict[str, Any]) -> PartialLabels:
+    """Every slice of ``support_labels`` with a labelled voxel, and the support image's slices there."""
     volume = load_volume(support, support_labels, "support")  # mismatched grids fail here, naming both files
     indices = annotated_slices(volume.label, axis)
     if not indices:
         raise FewsamError(
             f"{support_labels}: no labelled slice (every voxel is 0); label at least one slice of each structure"
         )
-    present = sorted(int(v) for v in np.unique(volume.label) if v > 0)
-    tasks = parse_label_names(tasks_text, present)
-    foreign = sorted(set(present) - set(tasks))
+    grey = image_grey_slices(volume.image, parse_intensity(intensity, str(support)), axis)
+    return PartialLabels(
+        indices,
+        [grey[i] for i in indices],
+        [take_slice(volume.label, axis, i) for i in indices],
+        sorted(int(v) for v in np.unique(volume.label) if v > 0),
+    )
+
+
+def fit_on_partial_labels(
+    partial: PartialLabels,
+    support_labels: Path,
+    cache: EmbeddingCache,
+    tasks_text: str | None,
+    preprocessing: dict[str, Any],
+    variant: str,
+    settings: TrainingSettings,
+    seed: int,
+    progress: bool,
+) -> FewShotModel:
+    """Train a few-shot model on the annotated slices of one support volume."""
+    tasks = parse_label_names(tasks_text, partial.present)
+    foreign = sorted(set(partial.present) - set(tasks))
     if foreign:
         raise FewsamError(f"{support_labels}: label values {foreign} are not named in --labels {tasks_text}")
-    absent = [name for value, name in tasks.items() if value not in present]
+    absent = [name for value, name in tasks.items() if value not in partial.present]
     if absent:
         raise FewsamError(f"{support_labels}: no voxel of {', '.join(absent)}; each task needs a labelled slice")
-    grey = image_grey_slices(volume.image, parse_intensity(intensity, str(support)), axis)
-    greys = [grey[i] for i in indices]
-    embeddings = list(cache.get_many(greys, progress=progress, desc="encode support"))
-    labels = [take_slice(volume.label, axis, i) for i in indices]
+    embeddings = list(cache.get_many(partial.greys, progress=progress, desc="encode support"))
     chosen = get_fewshot_variant(variant).with_schedule(**asdict(settings))
     model, _ = fit_fewshot(
         cache.backbone.model,
         cache.spec.name,
         embeddings,
-        labels,
+        partial.labels,
         tasks,
         chosen,
         seed,
-        {"slice_axis": axis, "intensity": intensity},
+        preprocessing,
         progress,
-        encode_twins(cache, greys, labels, chosen, seed, progress),
+        encode_twins(cache, partial.greys, partial.labels, chosen, seed, progress),
     )
-    return model, indices
+    return model
+
+
+def adapt_to_partial_labels(
+    model: FewShotModel,
+    model_file: Path,
+    partial: PartialLabels,
+    support_labels: Path,
+    cache: EmbeddingCache,
+    steps: int,
+    seed: int,
+    progress: bool,
+) -> FewShotModel:
+    """A saved model's location head fine-tuned on the annotated slices of one support volume."""
+    foreign = sorted(set(partial.present) - set(model.tasks))
+    if foreign:
+        known = ", ".join(f"{value}={name}" for value, name in model.tasks.items())
+        raise FewsamError(f"{support_labels}: label values {foreign} are not tasks of {model_file} ({known})")
+    embeddings = list(cache.get_many(partial.greys, progress=progress, desc="encode support"))
+    return model.adapted(embeddings, partial.labels, seed, steps=steps)
+
+
+def _same_file(first: str | Path | None, second: str | Path) -> bool:
+    return first is not None and Path(first).resolve() == Path(second).resolve()
 
 
 def segment_query(
@@ -116,48 +172,77 @@ def segment_query(
     device: str = "cpu",
     encoder_path: str | None = None,
     progress: bool = True,
+    adapt_steps: int = ADAPT_STEPS,
+    copy_distance: int | None = None,
 ) -> SegmentResult:
-    """Train on (or load) a few-shot decoder, segment every slice of ``query``, write the label volume."""
+    """Segment every slice of ``query`` with a few-shot model and write the label volume. The model is
+    trained on the support's labelled slices, or loaded (``model_file``), or loaded and its location
+    head fine-tuned on the support's labelled slices (both given). When the query is the support
+    volume, its labelled slices keep their labels, and slices within ``copy_distance`` (default
+    :data:`COPY_DISTANCE`) of one take its labels."""
     if slice_axis not in SLICE_AXES:
         raise FewsamError(f"--slice-axis must be one of {', '.join(SLICE_AXES)}, got '{slice_axis}'")
-    if model_file is None and (support is None or support_labels is None):
+    if (support is None) != (support_labels is None):
+        raise FewsamError("give --support and --support-labels together (an image and its partial labels)")
+    if model_file is None and support is None:
         raise FewsamError("give --support and --support-labels (to train), or --model (a saved few-shot model)")
-    if model_file is not None and (support is not None or support_labels is not None):
-        raise FewsamError("--model and --support/--support-labels exclude each other: load, or train")
+    same_volume = _same_file(support, query)
+    if copy_distance is None:
+        copy_distance = COPY_DISTANCE if same_volume else 0
+    if copy_distance < 0:
+        raise FewsamError(f"--copy-distance must be 0 or more, got {copy_distance}")
+    if copy_distance > 0 and not same_volume:
+        raise FewsamError("--copy-distance copies labels within one volume: give the --support volume as --query")
     paths.check_writable_file(out, "--out", suffixes=NIFTI_SUFFIXES)
     if save_model is not None:
         paths.check_writable_file(save_model, "--save-model")
     # An unknown backbone or encoder path fails here.
     cache = EmbeddingCache(backbone, checkpoint=checkpoint, device=device, encoder_path=encoder_path)
     query_volume = load_volume(query, None, "query")
-    support_indices: list[int] = []
-    if model_file is not None:
-        model = FewShotModel.load(model_file, cache.backbone.model, backbone)
+    model = FewShotModel.load(model_file, cache.backbone.model, backbone) if model_file is not None else None
+    if model is not None:
+        preprocessing = model.preprocessing
     else:
-        model, support_indices = fit_on_partial_labels(
-            Path(support),
-            Path(support_labels),
-            cache,
-            labels,
-            slice_axis,
-            intensity or DEFAULT_INTENSITY,
-            variant,
-            settings or TrainingSettings(),
-            seed,
-            progress,
-        )
+        preprocessing = {
+            "slice_axis": parse_axis(slice_axis, "--slice-axis"),
+            "intensity": intensity or DEFAULT_INTENSITY,
+        }
+    partial = None
+    if support is not None:
+        support, support_labels = Path(support), Path(support_labels)
+        partial = read_partial_labels(support, support_labels, preprocessing["slice_axis"], preprocessing["intensity"])
+        if model is None:
+            model = fit_on_partial_labels(
+                partial,
+                support_labels,
+                cache,
+                labels,
+                preprocessing,
+                variant,
+                settings or TrainingSettings(),
+                seed,
+                progress,
+            )
+        elif adapt_steps > 0:
+            model = adapt_to_partial_labels(
+                model, Path(model_file), partial, support_labels, cache, adapt_steps, seed, progress
+            )
         if save_model is not None:
             model.save(save_model)
     axis = model.preprocessing["slice_axis"]
     grey = image_grey_slices(query_volume.image, parse_intensity(model.preprocessing["intensity"], str(query)), axis)
     embeddings = cache.get_many(grey, progress=progress, desc="encode query")
     prediction = model.segment_volume(cache.backbone.model, embeddings, query_volume.shape, axis)
+    if same_volume:
+        prediction = copy_near_labelled(prediction, axis, partial.by_index(), copy_distance)
     out = Path(out)
     query_volume.save_on_original_grid(prediction, out)
     return SegmentResult(
         out,
         model.tasks,
-        support_indices,
+        partial.indices if partial is not None else [],
         {name: int((prediction == value).sum()) for value, name in model.tasks.items()},
         Path(save_model) if save_model else (Path(model_file) if model_file else None),
+        adapted=model_file is not None and partial is not None and adapt_steps > 0,
+        copy_distance=copy_distance if same_volume else None,
     )

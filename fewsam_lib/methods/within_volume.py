@@ -31,6 +31,8 @@ from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError, lookup
 from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method
 from .fewshot import (
+    ADAPT_LEARNING_RATE,
+    ADAPT_STEPS,
     CURVE_FILE,
     MODEL_FILE,
     FewShotModel,
@@ -40,13 +42,15 @@ from .fewshot import (
     get_fewshot_variant,
     train_on_collection,
 )
-from .location import fit_location_map
 from .prompting import bounding_box, box_prompt_tokens
 from .sam_decoding import decode_masks, resolve_overlaps
 
 STEPS = (4, 8, 16)
 BUDGET = "every_kth"  # run.json's ``budget``: every k-th slice labelled, k the run's ``shots``
 BOX_GROWTH = 0.10  # sam_box_propagated grows the nearest labelled mask's box by 10% of its size per side
+# Slices this close to a labelled slice take its labels in the adapted few-shot method and in
+# ``fewsam segment`` on the support volume itself (chosen on validation, docs/results.md).
+COPY_DISTANCE = 1
 
 
 def labelled_slice_indices(
@@ -171,6 +175,28 @@ def get_within_volume_variant(name: str) -> WithinVolumeVariant:
     if name not in WITHIN_VOLUME_VARIANTS and "-" in name:
         name = name.rsplit("-", 1)[0]
     return lookup(WITHIN_VOLUME_VARIANTS, name, "within-volume method")
+
+
+def copy_near_labelled(
+    labels: np.ndarray,
+    axis: int,
+    labelled: dict[int, np.ndarray],
+    distance: int,
+    only: list[int] | None = None,
+) -> np.ndarray:
+    """``labels`` (a label volume) with each labelled slice's map (``labelled``: index -> (H, W)) on
+    itself and on every slice within ``distance`` of it, the nearest labelled slice winning (the lower
+    on a tie); with ``only``, other slices are left as they are."""
+    result = labels.copy()
+    moved = np.moveaxis(result, axis, 0)
+    indices = np.asarray(sorted(labelled))
+    if not len(indices):
+        return result
+    for index in range(moved.shape[0]) if only is None else [*only, *labelled]:
+        gaps = np.abs(indices - index)
+        if gaps.min() <= distance:
+            moved[index] = labelled[int(indices[np.argmin(gaps)])]  # argmin takes the first: the lower on a tie
+    return result
 
 
 def _put(volume: np.ndarray, axis: int, index: int, labels: np.ndarray) -> None:
@@ -328,9 +354,9 @@ class FewShotAdapted(WithinVolumeVariant):
 
     fewshot: FewShotVariant
     shots: int = 20
-    head_steps: int = 100
-    head_learning_rate: float = 3e-4
-    copy_distance: int = 1
+    head_steps: int = ADAPT_STEPS
+    head_learning_rate: float = ADAPT_LEARNING_RATE
+    copy_distance: int = COPY_DISTANCE
     model: FewShotModel | None = field(default=None, compare=False, repr=False)
     uses_backbone = True
 
@@ -373,28 +399,11 @@ class FewShotAdapted(WithinVolumeVariant):
             return output
         labelled = list(cache.get_many(inputs.grey(support.indices), progress=inputs.progress, desc="encode labelled"))
         labels = [support.slices[i] for i in support.indices]
-        settings = replace(self.model.locator.settings, steps=self.head_steps, learning_rate=self.head_learning_rate)
-        locator, _ = fit_location_map(
-            labelled,
-            labels,
-            list(self.model.tasks),
-            self.model.locator.input_size,
-            settings,
-            inputs.seed,
-            progress=False,
-            start=self.model.locator.head,
-        )
-        segmented = _segment_reached(replace(self.model, locator=locator), inputs, targets)
+        model = self.model.adapted(labelled, labels, inputs.seed, self.head_steps, self.head_learning_rate)
+        segmented = _segment_reached(model, inputs, targets)
         for index in targets:
-            nearest = support.nearest(index)
-            copied = abs(index - nearest) <= self.copy_distance
-            _put(
-                output,
-                support.axis,
-                index,
-                support.slices[nearest] if copied else take_slice(segmented, support.axis, index),
-            )
-        return output
+            _put(output, support.axis, index, take_slice(segmented, support.axis, index))
+        return copy_near_labelled(output, support.axis, support.slices, self.copy_distance, only=targets)
 
 
 for _variant in (

@@ -499,6 +499,9 @@ def within_volume_markdown(table: pd.DataFrame) -> str:
             ("volume_dice", "Dice of the unlabelled part of each volume"),
         ):
             shown = part.pivot_table(index=["task", "label", "backbone"], columns="k", values=level, sort=False)
+            shown = shown[
+                sorted(shown.columns)
+            ]  # sort=False keeps the rows' order, and would keep k's first-seen order
             shown.columns = [f"k={k}" for k in shown.columns]
             shown = shown.reset_index().rename(columns={"label": "method"})
             lines += [f"### {dataset} — {title}", "", shown.to_markdown(index=False, floatfmt=".3f"), ""]

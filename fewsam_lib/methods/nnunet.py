@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -118,24 +119,35 @@ def ignore_value(manifest: Manifest) -> int:
     return max(manifest.tasks) + 1
 
 
-def dataset_suffix(manifest: Manifest, budget: Budget) -> str:
+def dataset_suffix(manifest: Manifest, budget: Budget, validation_curve: bool = False) -> str:
     """``msd_hippocampus`` + budget ``slices38seed0`` -> ``MsdHippocampusSlices38seed0``."""
-    # A validation view trains on other cases than the test runs: its exports must not share a folder.
+    # A validation view trains on other cases than the test runs: its exports must not share a folder,
+    # nor an export that also holds the validation cases for nnU-Net's own validation.
     split = "Validation" if manifest.evaluated_split == "validation" else ""
-    return "".join(part.capitalize() for part in manifest.dataset.split("_")) + split + budget.name.capitalize()
+    curve = "Curve" if validation_curve else ""
+    name = "".join(part.capitalize() for part in manifest.dataset.split("_"))
+    return name + split + budget.name.capitalize() + curve
 
 
-def dataset_folder_name(dataset_id: int, manifest: Manifest, budget: Budget) -> str:
+def dataset_folder_name(dataset_id: int, manifest: Manifest, budget: Budget, validation_curve: bool = False) -> str:
     if not 1 <= dataset_id <= 999:
         raise FewsamError(f"nnU-Net dataset ids run from 1 to 999, got {dataset_id}")
-    return f"Dataset{dataset_id:03d}_{dataset_suffix(manifest, budget)}"
+    return f"Dataset{dataset_id:03d}_{dataset_suffix(manifest, budget, validation_curve)}"
 
 
-def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_root: Path | None = None) -> Path:
+def export_raw_dataset(
+    manifest: Manifest,
+    budget: Budget,
+    dataset_id: int,
+    raw_root: Path | None = None,
+    validation_cases: tuple[str, ...] = (),
+) -> Path:
     """``Dataset<id>_<Name>/imagesTr, labelsTr, dataset.json`` in nnU-Net v2's raw format.
 
-    Only the budget's training volumes are written; the test split never enters. The folder is
-    built beside its final name and renamed at the end, so a failed export leaves nothing behind.
+    Only the budget's training volumes are written, and in a validation view ``validation_cases``
+    (carved from the training cases, fully labelled) for nnU-Net's own validation; the test split
+    never enters. The folder is built beside its final name and renamed at the end, so a failed
+    export leaves nothing behind.
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -144,6 +156,11 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
         raise FewsamError(
             f"{manifest.path}: cases {leaked} are not in the training split; nnU-Net trains on training cases only"
         )
+    if validation_cases and manifest.evaluated_split != "validation":
+        raise FewsamError(f"{manifest.path}: nnU-Net validates on carved validation cases only, never on test cases")
+    stray = sorted(set(validation_cases) - set(manifest.case_ids("test")))
+    if stray:
+        raise FewsamError(f"{manifest.path}: cases {stray} are not validation cases of this view")
     values = sorted(manifest.tasks)
     if values != list(range(1, len(values) + 1)):
         raise FewsamError(
@@ -161,10 +178,10 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
     labels = {"background": 0, **{name: value for value, name in manifest.tasks.items()}}
     if budget.labelled is not None:
         labels["ignore"] = ignore_value(manifest)
-    for case_id in budget.case_ids:
+    for case_id in (*budget.case_ids, *validation_cases):
         case = manifest.case(case_id)
         shutil.copyfile(case.image, partial / "imagesTr" / f"{case_id}_0000{FILE_ENDING}")
-        if budget.labelled is None:
+        if budget.labelled is None or case_id in validation_cases:
             shutil.copyfile(case.label, partial / "labelsTr" / f"{case_id}{FILE_ENDING}")
         else:
             volume, sparse = sparse_label(manifest, case_id, budget.labelled[case_id])
@@ -173,7 +190,7 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
         str(partial),
         channel_names={0: CHANNEL_NAMES.get(manifest.modality, manifest.modality)},
         labels=labels,
-        num_training_cases=len(budget.case_ids),
+        num_training_cases=len(budget.case_ids) + len(validation_cases),
         file_ending=FILE_ENDING,
         dataset_name=target.name,
         description=f"fewsam export of {paths.display(manifest.path)} (sha256 {manifest.sha256[:12]}), "
@@ -182,6 +199,7 @@ def export_raw_dataset(manifest: Manifest, budget: Budget, dataset_id: int, raw_
         converted_by="fewsam",
         fewsam_case_ids=list(budget.case_ids),
         fewsam_labelled_slices={case: list(indices) for case, indices in (budget.labelled or {}).items()} or None,
+        fewsam_validation_case_ids=list(validation_cases) or None,
     )
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
@@ -318,6 +336,10 @@ class NnUNetSection:
     budgets: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     disable_tta: bool = False  # predict without nnU-Net's mirroring (4x faster in 2d)
+    # Train fold 0 of a split whose validation part is the view's carved validation cases, so that
+    # nnU-Net's own pseudo-Dice curve is measured on held-out cases (the ``schedule`` profile); the
+    # default trains fold ``all`` on the budget's volumes, validating on them.
+    validation_curve: bool = False
     # nnU-Net's target spacing, one value per axis in nnU-Net's order (a 2D image: 999 first, then
     # rows and columns), instead of the median spacing it plans for (its -overwrite_target_spacing,
     # which the 2d configuration follows too). Coarser spacing = smaller images and patches.
@@ -336,8 +358,6 @@ class NnUNetRun(MethodRun):
     continue an interrupted training from nnU-Net's latest checkpoint.
     """
 
-    fold = "all"
-
     def __init__(self, context: RunContext) -> None:
         super().__init__(context)
         run, manifest = context.run, context.manifest
@@ -347,8 +367,18 @@ class NnUNetRun(MethodRun):
         self.roots = paths.nnunet_roots()
         self.env = nnunet_environment(self.roots)
         check_trainer(self.variant.trainer, self.env)
-        dataset_id = dataset_id_for(dataset_suffix(manifest, self.budget), self.roots["raw"])
-        self.dataset_id, self.dataset = dataset_id, dataset_folder_name(dataset_id, manifest, self.budget)
+        self.validation_curve = context.section.validation_curve
+        if self.validation_curve and manifest.evaluated_split != "validation":
+            raise FewsamError(
+                f"profile {context.profile.name}: nnunet validation_curve needs evaluate_on: validation "
+                f"(nnU-Net then validates on carved validation cases; the test split never enters)"
+            )
+        self.fold = "0" if self.validation_curve else "all"
+        self.validation_cases = tuple(manifest.case_ids("test")) if self.validation_curve else ()
+        suffix = dataset_suffix(manifest, self.budget, self.validation_curve)
+        dataset_id = dataset_id_for(suffix, self.roots["raw"])
+        self.dataset_id = dataset_id
+        self.dataset = dataset_folder_name(dataset_id, manifest, self.budget, self.validation_curve)
         self.disable_tta = context.section.disable_tta
         spacing = context.section.target_spacing
         self.target_spacing = tuple(float(value) for value in spacing) if spacing else None
@@ -384,9 +414,10 @@ class NnUNetRun(MethodRun):
         dataset_id = str(self.dataset_id)
         plans = roots["preprocessed"] / dataset / f"{self.plans}.json"
         exported = roots["raw"] / dataset / "dataset.json"
+        recorded = json.loads(exported.read_text()) if exported.exists() else {}
         if plans.exists() and (
-            not exported.exists()
-            or json.loads(exported.read_text()).get("fewsam_case_ids") != list(self.budget.case_ids)
+            recorded.get("fewsam_case_ids") != list(self.budget.case_ids)
+            or recorded.get("fewsam_validation_case_ids") != (list(self.validation_cases) or None)
         ):
             raise FewsamError(
                 f"{roots['raw'] / dataset} was preprocessed from other volumes than budget "
@@ -403,7 +434,7 @@ class NnUNetRun(MethodRun):
             # holds some of them, so only the marker written after success counts as done.
             shutil.rmtree(roots["preprocessed"] / dataset / f"{self.plans}_{configuration}", ignore_errors=True)
             if not plans.exists():
-                export_raw_dataset(manifest, self.budget, self.dataset_id, roots["raw"])
+                export_raw_dataset(manifest, self.budget, self.dataset_id, roots["raw"], self.validation_cases)
             timings["plan_and_preprocess"] = run_nnunet_command(
                 [
                     "nnUNetv2_plan_and_preprocess",
@@ -424,6 +455,9 @@ class NnUNetRun(MethodRun):
                 env,
             )
             preprocessed_marker.write_text(f"nnUNetv2_plan_and_preprocess -c {configuration} finished\n")
+        if self.validation_curve:  # nnU-Net reads its folds from here; fold 0 is ours
+            split = [{"train": list(self.budget.case_ids), "val": list(self.validation_cases)}]
+            (roots["preprocessed"] / dataset / "splits_final.json").write_text(json.dumps(split, indent=1))
         self.fold_folder = (
             trained_model_folder(roots, dataset, configuration, trainer, self.plans) / f"fold_{self.fold}"
         )
@@ -485,6 +519,8 @@ class NnUNetRun(MethodRun):
             env,
         )
         training = copy_training_record(self.fold_folder, writer.folder)
+        if self.validation_curve:
+            training["plateau_epoch"] = plateau_epoch(training_curve(self.fold_folder).ema_pseudo_dice.tolist())
         if not self.trained_from_scratch:  # finished or begun by an earlier call: its time is in nnU-Net's logs
             timings["train"] = sum(training["epoch_seconds"])
         self.extra["nnunet_training"] = training
@@ -607,9 +643,53 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     record["epoch_seconds"] = [
         float(seconds) for log in logs for seconds in re.findall(r"Epoch time: ([0-9.]+) s", log.read_text())
     ]
+    curve = training_curve(fold_folder)
+    if len(curve):
+        curve.to_csv(run_folder / CURVE_FILE, index=False, float_format="%.5f")
     plans = fold_folder.parent / "plans.json"  # the trained configuration's patch is not in debug.json
     configuration = settings.get("configuration_name")
     if plans.exists() and configuration:
         planned = json.loads(plans.read_text())["configurations"].get(configuration, {})
         record["patch_size"], record["spacing"] = planned.get("patch_size"), planned.get("spacing")
     return record
+
+
+CURVE_FILE = "nnunet_curve.csv"
+PLATEAU_GAIN = 0.01  # the issue's criterion: the EMA pseudo-Dice gains less than this ...
+PLATEAU_WINDOW = 0.2  # ... over the last 20% of the epochs
+PLATEAU_MIN_EPOCHS = 10  # a window of at least two epochs
+
+
+def training_curve(fold_folder: Path) -> pd.DataFrame:
+    """Per finished epoch: nnU-Net's train and validation loss, pseudo-Dice (mean over the tasks) and
+    its exponential moving average, read from the latest checkpoint's log (empty if none)."""
+    import torch
+
+    checkpoints = [fold_folder / name for name in ("checkpoint_final.pth", "checkpoint_latest.pth")]
+    found = next((path for path in checkpoints if path.exists()), None)
+    if found is None:
+        return pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice"])
+    # our own nnU-Net's checkpoint: its log holds numpy scalars, which weights_only refuses
+    logging = torch.load(found, map_location="cpu", weights_only=False)["logging"]
+    epochs = len(logging["ema_fg_dice"])
+    return pd.DataFrame(
+        {
+            "epoch": range(1, epochs + 1),
+            "train_loss": [float(v) for v in logging["train_losses"][:epochs]],
+            "val_loss": [float(v) for v in logging["val_losses"][:epochs]],
+            "pseudo_dice": [float(v) for v in logging["mean_fg_dice"][:epochs]],
+            "ema_pseudo_dice": [float(v) for v in logging["ema_fg_dice"][:epochs]],
+        }
+    )
+
+
+def plateau_epoch(
+    ema: list[float], gain: float = PLATEAU_GAIN, window: float = PLATEAU_WINDOW, least: int = PLATEAU_MIN_EPOCHS
+) -> int | None:
+    """The fewest epochs (at least ``least``) after which the EMA pseudo-Dice (one value per epoch)
+    gained less than ``gain`` over the last ``window`` of the epochs; None if it never did."""
+    for epochs in range(least, len(ema) + 1):
+        back = max(1, math.ceil(window * epochs))
+        if ema[epochs - 1] - ema[epochs - 1 - back] < gain:
+            return epochs
+    return None

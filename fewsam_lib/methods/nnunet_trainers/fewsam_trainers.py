@@ -113,3 +113,18 @@ class nnUNetTrainer_fewsam5epochsBatch32Bf16(_Bf16OnCpu, nnUNetTrainer_fewsam5ep
 
 class nnUNetTrainer_fewsamSmokeBf16(_Bf16OnCpu, nnUNetTrainer_fewsamSmoke):
     """``nnUNetTrainer_fewsamSmoke`` in bf16: the pipeline of the bf16 trainers, for tests."""
+
+
+class nnUNetTrainer_fewsamPlateauSearchBf16(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):
+    """The schedule search of the ``schedule`` profile: up to 60 epochs of 250 iterations of at most
+    32 images in bf16, checkpointed after each, trained on a validation view with nnU-Net's own
+    validation on the carved validation cases. Its EMA pseudo-Dice curve picks the ``cpu`` schedule
+    (:func:`fewsam_lib.methods.nnunet.plateau_epoch`); a run may be stopped once it has plateaued."""
+
+    schedule = {"num_epochs": 60, "save_every": 1}
+
+
+class nnUNetTrainer_fewsamPlateauSearchBatch13Bf16(nnUNetTrainer_fewsamPlateauSearchBf16):
+    """``nnUNetTrainer_fewsamPlateauSearchBf16`` at 13 images a batch (the CT schedule's batch)."""
+
+    max_batch_size = 13

@@ -167,7 +167,7 @@ def export_raw_dataset(
             f"{manifest.path}: nnU-Net needs consecutive label values 1..{len(values)}, the manifest has {values}"
         )
     raw_root = Path(raw_root) if raw_root else paths.nnunet_roots()["raw"]
-    target = raw_root / dataset_folder_name(dataset_id, manifest, budget)
+    target = raw_root / dataset_folder_name(dataset_id, manifest, budget, validation_curve=bool(validation_cases))
     others = [p for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p != target] if raw_root.exists() else []
     if others:
         raise FewsamError(f"nnU-Net dataset id {dataset_id} is taken by {others[0]}; choose another id")

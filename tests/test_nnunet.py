@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics
 
@@ -333,11 +335,73 @@ def test_the_bf16_trainer_runs_its_forward_passes_in_bf16_and_keeps_fp32_weights
     )
 
 
-def test_the_bf16_trainer_trains_through_nnunetv2_and_its_checkpoint_predicts(nnunet_roots, tmp_path):
+def _schedule_profile(tmp_path, evaluate_on: str = "validation") -> Path:
+    """The ``schedule`` profile made smoke-sized: the bf16 smoke trainer on a matched budget."""
+    import yaml
+
+    raw = {
+        "name": f"smoke-schedule-{evaluate_on}",
+        "description": "nnU-Net validating on carved validation cases, smoke-sized",
+        "evaluate_on": evaluate_on,
+        "validation": {"fraction": 0.2, "seed": 0},
+        "test_cases": 1,
+        "test_slices": 12,
+        "datasets": [str(HIPPOCAMPUS_MANIFEST)],
+        "fewshot": {"backbones": ["mobile_sam"], "variants": ["centred"], "shots": [5], "seeds": [0]},
+        "nnunet": {
+            "configurations": ["2d"],
+            "trainers": ["nnUNetTrainer_fewsamSmokeBf16"],
+            "budgets": ["matched"],
+            "disable_tta": True,
+            "validation_curve": True,
+        },
+    }
+    if evaluate_on == "test":
+        raw.pop("validation")
+    path = tmp_path / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_bf16_trainer_validates_on_carved_cases_records_its_curve_and_its_checkpoint_predicts(
+    nnunet_roots, hippocampus, tmp_path
+):
+    """The schedule search's mechanics: fold 0 of a split whose validation part is the carved
+    validation cases (never a test case), the EMA pseudo-Dice curve in the run folder, bf16 forward
+    passes, and a checkpoint that predicts."""
+    profile = _schedule_profile(tmp_path)
     folder = run_nnunet(
-        str(HIPPOCAMPUS_MANIFEST), trainer="nnUNetTrainer_fewsamSmokeBf16", budget="matched", results_dir=tmp_path
+        str(HIPPOCAMPUS_MANIFEST),
+        trainer="nnUNetTrainer_fewsamSmokeBf16",
+        budget="matched",
+        profile=str(profile),
+        results_dir=tmp_path / "results",
     )
     meta, metrics = load_run(folder)
     assert "forward passes under bf16 autocast" in (folder / "nnunet_training_log.txt").read_text()
+    assert meta["parameters"]["fold"] == "0"
+    assert re.fullmatch(r"Dataset\d{3}_MsdHippocampusValidationSlices\d+seed0Curve", meta["nnunet_dataset"])
+    validation = hippocampus.validation_view(0.2, 0).case_ids("test")
+    exported = json.loads((nnunet_roots / "raw" / meta["nnunet_dataset"] / "dataset.json").read_text())
+    assert exported["fewsam_validation_case_ids"] == list(validation)
+    split = json.loads((nnunet_roots / "preprocessed" / meta["nnunet_dataset"] / "splits_final.json").read_text())
+    assert split == [{"train": meta["label_budget"]["case_ids"], "val": list(validation)}]
+    assert not set(validation) & set(hippocampus.case_ids("test")) and not set(validation) & set(split[0]["train"])
+    curve = pd.read_csv(folder / "nnunet_curve.csv")
+    assert list(curve.epoch) == [1] and 0 <= curve.ema_pseudo_dice[0] <= 1 and curve.train_loss.notna().all()
+    assert meta["nnunet_training"]["plateau_epoch"] is None  # one epoch cannot show a plateau
     assert set(metrics.level) == {"slice", "volume"} and meta["status"] == "complete"
     assert_predictions_reproduce_the_metrics(folder)
+    with pytest.raises(FewsamError, match="validation_curve needs evaluate_on: validation"):
+        run_nnunet(str(HIPPOCAMPUS_MANIFEST), budget="matched", profile=str(_schedule_profile(tmp_path, "test")))
+
+
+def test_the_plateau_is_the_fewest_epochs_after_which_the_last_fifth_gained_under_a_hundredth():
+    from fewsam_lib.methods.nnunet import plateau_epoch
+
+    rising = [min(0.05 * epoch, 0.8) for epoch in range(40)]  # +0.05 an epoch until 0.8 after 17 epochs
+    # after 22 epochs the last 5 (ceil of 20%) gained nothing; after 21 they reach back to 16 epochs' 0.75
+    assert plateau_epoch(rising) == 22
+    assert plateau_epoch([0.1 * epoch for epoch in range(30)]) is None  # still rising
+    assert plateau_epoch([0.5] * 9) is None  # too few epochs to judge
+    assert plateau_epoch([0.5] * 10) == 10

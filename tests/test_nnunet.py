@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import HIPPOCAMPUS_MANIFEST, assert_predictions_reproduce_the_metrics
 
@@ -23,6 +22,7 @@ from fewsam_lib.methods.nnunet import (
     full_budget,
     labelled_slice_counts,
     matched_budget,
+    nnunet_log_curve,
     same_slices_budget,
 )
 from fewsam_lib.report.benchmark import method_label
@@ -387,8 +387,8 @@ def test_the_bf16_trainer_validates_on_carved_cases_records_its_curve_and_its_ch
     split = json.loads((nnunet_roots / "preprocessed" / meta["nnunet_dataset"] / "splits_final.json").read_text())
     assert split == [{"train": meta["label_budget"]["case_ids"], "val": list(validation)}]
     assert not set(validation) & set(hippocampus.case_ids("test")) and not set(validation) & set(split[0]["train"])
-    curve = pd.read_csv(folder / "nnunet_curve.csv")
-    assert list(curve.epoch) == [1] and 0 <= curve.ema_pseudo_dice[0] <= 1 and curve.train_loss.notna().all()
+    curve = nnunet_log_curve(folder)  # nnU-Net's pseudo-Dice, here on the validation cases
+    assert list(curve.epoch) == [0] and 0 <= curve.ema_pseudo_dice[0] <= 1 and curve.train_loss.notna().all()
     assert meta["nnunet_training"]["plateau_epoch"] is None  # one epoch cannot show a plateau
     assert set(metrics.level) == {"slice", "volume"} and meta["status"] == "complete"
     assert_predictions_reproduce_the_metrics(folder)

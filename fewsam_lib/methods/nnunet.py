@@ -519,8 +519,9 @@ class NnUNetRun(MethodRun):
             env,
         )
         training = copy_training_record(self.fold_folder, writer.folder)
-        if self.validation_curve:
-            training["plateau_epoch"] = plateau_epoch(training_curve(self.fold_folder).ema_pseudo_dice.tolist())
+        if self.validation_curve and (writer.folder / LOG_FILE).exists():
+            ema = nnunet_log_curve(writer.folder).ema_pseudo_dice.dropna().tolist()
+            training["plateau_epoch"] = plateau_epoch(ema)
         if not self.trained_from_scratch:  # finished or begun by an earlier call: its time is in nnU-Net's logs
             timings["train"] = sum(training["epoch_seconds"])
         self.extra["nnunet_training"] = training
@@ -630,7 +631,7 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     wall time of each finished epoch."""
     logs = sorted(fold_folder.glob("training_log_*.txt"))
     if logs:
-        shutil.copyfile(logs[-1], run_folder / "nnunet_training_log.txt")
+        shutil.copyfile(logs[-1], run_folder / LOG_FILE)
     if (fold_folder / "progress.png").exists():
         shutil.copyfile(fold_folder / "progress.png", run_folder / "nnunet_progress.png")
     debug = fold_folder / "debug.json"
@@ -643,9 +644,6 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     record["epoch_seconds"] = [
         float(seconds) for log in logs for seconds in re.findall(r"Epoch time: ([0-9.]+) s", log.read_text())
     ]
-    curve = training_curve(fold_folder)
-    if len(curve):
-        curve.to_csv(run_folder / CURVE_FILE, index=False, float_format="%.5f")
     plans = fold_folder.parent / "plans.json"  # the trained configuration's patch is not in debug.json
     configuration = settings.get("configuration_name")
     if plans.exists() and configuration:
@@ -654,33 +652,40 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     return record
 
 
-CURVE_FILE = "nnunet_curve.csv"
-PLATEAU_GAIN = 0.01  # the issue's criterion: the EMA pseudo-Dice gains less than this ...
-PLATEAU_WINDOW = 0.2  # ... over the last 20% of the epochs
+LOG_FILE = "nnunet_training_log.txt"  # nnU-Net's training log, copied into the run folder
+PLATEAU_GAIN = 0.01  # the nnU-Net issue's rule: the moving average gains less than this ...
+PLATEAU_WINDOW = 0.2  # ... over the last fifth of the epochs
 PLATEAU_MIN_EPOCHS = 10  # a window of at least two epochs
 
 
-def training_curve(fold_folder: Path) -> pd.DataFrame:
-    """Per finished epoch: nnU-Net's train and validation loss, pseudo-Dice (mean over the tasks) and
-    its exponential moving average, read from the latest checkpoint's log (empty if none)."""
-    import torch
+def nnunet_log_curve(run_folder: str | Path) -> pd.DataFrame:
+    """Per epoch from nnU-Net's own training log: ``train_loss``, ``val_loss``, ``pseudo_dice`` (mean
+    over classes) and ``ema_pseudo_dice``, the moving average nnU-Net keeps its best checkpoint by
+    (0.9 x the previous + 0.1 x the new value)."""
+    rows, epoch = [], None
+    for line in (Path(run_folder) / LOG_FILE).read_text().splitlines():
+        _, _, message = line.partition(": ")
+        words = message.split()
+        if len(words) == 2 and words[0] == "Epoch" and words[1].isdigit():
+            epoch = int(words[1])
+            rows.append({"epoch": epoch})
+        elif epoch is not None and len(words) == 2 and words[0] in ("train_loss", "val_loss"):
+            rows[-1][words[0]] = float(words[1])
+        elif epoch is not None and message.startswith("Pseudo dice"):
+            values = [float(v) for v in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", message)]
+            rows[-1]["pseudo_dice"] = float(np.nanmean(values)) if values else np.nan
+    curve = pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss", "pseudo_dice"])
+    ema = []
+    for value in curve.pseudo_dice:
+        ema.append(value if not ema else 0.9 * ema[-1] + 0.1 * value)
+    return curve.assign(ema_pseudo_dice=ema)
 
-    checkpoints = [fold_folder / name for name in ("checkpoint_final.pth", "checkpoint_latest.pth")]
-    found = next((path for path in checkpoints if path.exists()), None)
-    if found is None:
-        return pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice"])
-    # our own nnU-Net's checkpoint: its log holds numpy scalars, which weights_only refuses
-    logging = torch.load(found, map_location="cpu", weights_only=False)["logging"]
-    epochs = len(logging["ema_fg_dice"])
-    return pd.DataFrame(
-        {
-            "epoch": range(1, epochs + 1),
-            "train_loss": [float(v) for v in logging["train_losses"][:epochs]],
-            "val_loss": [float(v) for v in logging["val_losses"][:epochs]],
-            "pseudo_dice": [float(v) for v in logging["mean_fg_dice"][:epochs]],
-            "ema_pseudo_dice": [float(v) for v in logging["ema_fg_dice"][:epochs]],
-        }
-    )
+
+def last_fifth_gain(ema: list[float] | np.ndarray, window: float = PLATEAU_WINDOW) -> float:
+    """What the moving average (one value per epoch) gained over the last ``window`` of the epochs
+    (NaN with too few epochs to look back on)."""
+    back = max(1, math.ceil(window * len(ema)))
+    return float(ema[-1] - ema[-1 - back]) if len(ema) > back else float("nan")
 
 
 def plateau_epoch(
@@ -689,7 +694,6 @@ def plateau_epoch(
     """The fewest epochs (at least ``least``) after which the EMA pseudo-Dice (one value per epoch)
     gained less than ``gain`` over the last ``window`` of the epochs; None if it never did."""
     for epochs in range(least, len(ema) + 1):
-        back = max(1, math.ceil(window * epochs))
-        if ema[epochs - 1] - ema[epochs - 1 - back] < gain:
+        if last_fifth_gain(ema[:epochs], window) < gain:
             return epochs
     return None

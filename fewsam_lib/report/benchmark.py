@@ -22,8 +22,9 @@ from ..data.manifest import load_manifest
 from ..data.volumes import grey_slices, load_case, take_slice
 from ..errors import FewsamError
 from ..methods.base import get_method
+from ..methods.nnunet import PLATEAU_GAIN, last_fifth_gain, nnunet_log_curve
 from .drawing import draw_labels, show_slice
-from .figures import nnunet_log_curve, prompting_figure
+from .figures import prompting_figure
 
 REPORT_TABLES = (
     "main_table.csv",
@@ -40,9 +41,6 @@ REPORT_TABLES = (
 )
 # The within-volume track's quality bar compares at these steps (every 8th and every 16th slice).
 WITHIN_VOLUME_BAR_STEPS = (8, 16)
-# nnU-Net's schedule counts as converged when its moving-average pseudo Dice gained less than this
-# over the last fifth of its epochs (the nnU-Net issue's rule).
-PLATEAU_GAIN = 0.01
 LEVEL_TITLES = {"slice": "per slice (slices that contain the task)", "volume": "per volume (whole 3D label map)"}
 
 
@@ -652,8 +650,7 @@ def nnunet_schedule_table(index: pd.DataFrame) -> pd.DataFrame:
         training = meta.get("nnunet_training", {})
         curve = nnunet_log_curve(run.folder) if (Path(run.folder) / "nnunet_training_log.txt").exists() else None
         ema = curve.ema_pseudo_dice.dropna().to_numpy() if curve is not None else np.array([])
-        tail = max(1, int(np.ceil(len(ema) / 5)))
-        gain = float(ema[-1] - ema[-1 - tail]) if len(ema) > tail else np.nan
+        gain = last_fifth_gain(ema) if len(ema) else np.nan
         rows.append(
             {
                 "dataset": run.dataset,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -22,6 +21,7 @@ from ..data.volumes import (
     task_voxels_per_slice,
 )
 from ..methods.base import get_method
+from ..methods.nnunet import nnunet_log_curve
 from .drawing import TASK_COLOURS, draw_contour, draw_labels, show_slice
 
 
@@ -112,29 +112,6 @@ def training_curve(run_folder: str | Path) -> plt.Figure:
         ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
-
-
-def nnunet_log_curve(run_folder: str | Path) -> pd.DataFrame:
-    """Per epoch from nnU-Net's own training log: ``train_loss``, ``val_loss``, ``pseudo_dice`` (mean
-    over classes) and ``ema_pseudo_dice``, the moving average nnU-Net keeps its best checkpoint by
-    (0.9 x the previous + 0.1 x the new value)."""
-    rows, epoch = [], None
-    for line in (Path(run_folder) / "nnunet_training_log.txt").read_text().splitlines():
-        _, _, message = line.partition(": ")
-        words = message.split()
-        if len(words) == 2 and words[0] == "Epoch" and words[1].isdigit():
-            epoch = int(words[1])
-            rows.append({"epoch": epoch})
-        elif epoch is not None and len(words) == 2 and words[0] in ("train_loss", "val_loss"):
-            rows[-1][words[0]] = float(words[1])
-        elif epoch is not None and message.startswith("Pseudo dice"):
-            values = [float(v) for v in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", message)]
-            rows[-1]["pseudo_dice"] = float(np.nanmean(values)) if values else np.nan
-    curve = pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss", "pseudo_dice"])
-    ema = []
-    for value in curve.pseudo_dice:
-        ema.append(value if not ema else 0.9 * ema[-1] + 0.1 * value)
-    return curve.assign(ema_pseudo_dice=ema)
 
 
 def nnunet_training_curve(run_folder: str | Path) -> plt.Figure:

@@ -44,12 +44,14 @@ WITHIN_VOLUME_BAR_STEPS = (8, 16)
 LEVEL_TITLES = {"slice": "per slice (slices that contain the task)", "volume": "per volume (whole 3D label map)"}
 
 
-def run_index(results_dir: str | Path, profile: str | None = None) -> pd.DataFrame:
-    """One row per run folder: what it is, its label budget and its costs (from ``run.json``)."""
+def run_index(results_dir: str | Path, profile: str | list[str] | None = None) -> pd.DataFrame:
+    """One row per run folder of ``profile`` (a name, several, or None: every profile): what it is,
+    its label budget and its costs (from ``run.json``). An incomplete one among them is an error."""
+    wanted = None if profile is None else {profile} if isinstance(profile, str) else set(profile)
     rows, incomplete = [], []
     for folder in run_folders(results_dir):
         meta = json.loads((folder / "run.json").read_text())
-        if profile is not None and meta.get("profile") != profile:
+        if wanted is not None and meta.get("profile") not in wanted:
             continue
         if meta.get("status") != "complete":
             incomplete.append(str(folder))
@@ -828,15 +830,16 @@ def write_report(
     ``readme``: also refresh the README's generated results blocks.
     """
     results_dir = Path(results_dir or paths.REPO_ROOT / "results")
-    every_run = run_index(results_dir, profile)
-    everything = summarize(results_dir, strict=True)
+    every_run = run_index(results_dir, profile)  # refuses an incomplete run of this profile
+    # Another profile's run may be in progress (a schedule search beside the report): skipped, not fatal.
+    everything = summarize(results_dir)
     summary = everything[everything.profile == profile] if profile is not None else everything
     check_one_encoder_path(summary)
     # The within-volume track has a table and figure of its own, apart from the cross-subject ones.
     tracked = (with_roles(summary).role == "within_volume").to_numpy()
     summary, within = summary[~tracked], summary[tracked]
     index = every_run[every_run.role != "within_volume"]
-    metrics = collect_metrics(results_dir, strict=True)
+    metrics = collect_metrics(results_dir)
     tables, figures = results_dir / "tables", results_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -852,7 +855,7 @@ def write_report(
     costs.to_csv(tables / "cost_table.csv", index=False, float_format="%.3f")
     (tables / "cost_table.md").write_text(cost_table_markdown(costs))
     shown_profiles = sorted({"validation", profile}) if profile is not None else sorted(set(everything.profile))
-    ablation = ablation_table(everything, run_index(results_dir, None), shown_profiles)
+    ablation = ablation_table(everything, run_index(results_dir, shown_profiles), shown_profiles)
     ablation.to_csv(tables / "ablation.csv", index=False, float_format="%.4f")
     (tables / "ablation.md").write_text(
         ablation_markdown(ablation) + "\n" + ranking_markdown(validation_ranking(ablation))

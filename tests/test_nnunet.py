@@ -405,3 +405,32 @@ def test_the_plateau_is_the_fewest_epochs_after_which_the_last_fifth_gained_unde
     assert plateau_epoch([0.1 * epoch for epoch in range(30)]) is None  # still rising
     assert plateau_epoch([0.5] * 9) is None  # too few epochs to judge
     assert plateau_epoch([0.5] * 10) == 10
+
+
+def test_a_resumed_training_s_logs_make_one_curve_in_time_order(tmp_path):
+    """nnU-Net continues an interrupted training (--c) in a new log named by an unpadded date: the run
+    folder gets every log, oldest first, and an epoch begun again counts once, as finished."""
+    import os
+
+    from fewsam_lib.methods.nnunet import copy_training_record
+
+    def epoch(number: int, dice: tuple[float, float] | None, seconds: float | None) -> str:
+        lines = [f"2026-12-05 09:00:00.000000: Epoch {number} ", "2026-12-05 09:00:01.000000: train_loss -0.5 "]
+        if dice is not None:
+            lines.append(f"2026-12-05 09:00:02.000000: Pseudo dice [np.float32({dice[0]}), np.float32({dice[1]})] ")
+        if seconds is not None:
+            lines.append(f"2026-12-05 09:00:03.000000: Epoch time: {seconds} s ")
+        return "\n".join(lines) + "\n"
+
+    fold, run = tmp_path / "fold_0", tmp_path / "run"
+    fold.mkdir(), run.mkdir()
+    older, newer = fold / "training_log_2026_12_5_09_00_00.txt", fold / "training_log_2026_12_15_01_00_00.txt"
+    older.write_text(epoch(0, (0.6, 0.8), 10.0) + epoch(1, None, None))  # epoch 1 cut short
+    newer.write_text(epoch(1, (0.7, 0.9), 11.0) + epoch(2, (0.8, 1.0), 12.0))
+    os.utime(older, (1_000, 1_000))
+    os.utime(newer, (2_000, 2_000))
+    record = copy_training_record(fold, run)
+    curve = nnunet_log_curve(run)
+    assert list(curve.epoch) == [0, 1, 2] and np.allclose(curve.pseudo_dice, [0.7, 0.8, 0.9])
+    assert np.allclose(curve.ema_pseudo_dice, [0.7, 0.71, 0.729])
+    assert record["epoch_seconds"] == [10.0, 11.0, 12.0]

@@ -629,9 +629,11 @@ NNUNET = register_method(NnUNet())
 def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     """nnU-Net's training log and curve into the run folder; the schedule it actually ran and the
     wall time of each finished epoch."""
-    logs = sorted(fold_folder.glob("training_log_*.txt"))
+    # nnU-Net names its logs by an unpadded date: order them by time. An interrupted training that
+    # resumed (--c) continues in a new log, so the run folder gets all of them, oldest first.
+    logs = sorted(fold_folder.glob("training_log_*.txt"), key=lambda log: log.stat().st_mtime)
     if logs:
-        shutil.copyfile(logs[-1], run_folder / LOG_FILE)
+        (run_folder / LOG_FILE).write_text("".join(log.read_text() for log in logs))
     if (fold_folder / "progress.png").exists():
         shutil.copyfile(fold_folder / "progress.png", run_folder / "nnunet_progress.png")
     debug = fold_folder / "debug.json"
@@ -675,6 +677,8 @@ def nnunet_log_curve(run_folder: str | Path) -> pd.DataFrame:
             values = [float(v) for v in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", message)]
             rows[-1]["pseudo_dice"] = float(np.nanmean(values)) if values else np.nan
     curve = pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss", "pseudo_dice"])
+    # an epoch cut short by an interruption is begun again in the next log: its last record counts
+    curve = curve.drop_duplicates("epoch", keep="last").reset_index(drop=True)
     ema = []
     for value in curve.pseudo_dice:
         ema.append(value if not ema else 0.9 * ema[-1] + 0.1 * value)

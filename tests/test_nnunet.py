@@ -434,3 +434,32 @@ def test_a_resumed_training_s_logs_make_one_curve_in_time_order(tmp_path):
     assert list(curve.epoch) == [0, 1, 2] and np.allclose(curve.pseudo_dice, [0.7, 0.8, 0.9])
     assert np.allclose(curve.ema_pseudo_dice, [0.7, 0.71, 0.729])
     assert record["epoch_seconds"] == [10.0, 11.0, 12.0]
+
+
+def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(monkeypatch):
+    """After each epoch the search trainer applies the plateau rule to nnU-Net's own moving average;
+    once it holds, training ends through nnU-Net's own end of training (its final checkpoint)."""
+    from types import SimpleNamespace
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from fewsam_lib.methods.nnunet_trainers import fewsam_trainers as trainers
+
+    search = trainers.nnUNetTrainer_fewsamPlateauSearchBf16
+    ended = []
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", lambda self: None)
+    monkeypatch.setattr(nnUNetTrainer, "on_train_end", lambda self: ended.append(True))
+    trainer = object.__new__(search)
+    trainer.print_to_log_file = lambda *args: None
+    trainer.logger = SimpleNamespace(my_fantastic_logging={"ema_fg_dice": [0.1 * e for e in range(10)]})
+    trainer.on_epoch_end()  # still rising: nothing happens
+    trainer.logger.my_fantastic_logging["ema_fg_dice"] = [0.8] * 10
+    with pytest.raises(trainers._Plateaued):
+        trainer.on_epoch_end()
+
+    def epochs_until_plateau(self):
+        self.on_epoch_end()
+
+    monkeypatch.setattr(nnUNetTrainer, "run_training", epochs_until_plateau)
+    trainer.run_training()
+    assert ended == [True]

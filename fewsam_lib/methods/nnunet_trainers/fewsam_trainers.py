@@ -115,11 +115,36 @@ class nnUNetTrainer_fewsamSmokeBf16(_Bf16OnCpu, nnUNetTrainer_fewsamSmoke):
     """``nnUNetTrainer_fewsamSmoke`` in bf16: the pipeline of the bf16 trainers, for tests."""
 
 
-class nnUNetTrainer_fewsamPlateauSearchBf16(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):
-    """The schedule search of the ``schedule`` profile: up to 60 epochs of 250 iterations of at most
-    32 images in bf16, checkpointed after each, trained on a validation view with nnU-Net's own
-    validation on the carved validation cases. Its EMA pseudo-Dice curve picks the ``cpu`` schedule
-    (:func:`fewsam_lib.methods.nnunet.plateau_epoch`); a run may be stopped once it has plateaued."""
+class _Plateaued(Exception):
+    """Raised at the end of the epoch after which the moving-average pseudo-Dice has plateaued."""
+
+
+class _StopsOnPlateau(_TrainedOnFoldAll):
+    """Ends training after the first epoch at which nnU-Net's EMA pseudo-Dice meets fewsam's plateau
+    rule (``fewsam_lib.methods.nnunet.plateau_epoch``), with nnU-Net's own end of training (final
+    checkpoint, data loaders shut down); ``num_epochs`` is the cap."""
+
+    def on_epoch_end(self) -> None:
+        from fewsam_lib.methods.nnunet import plateau_epoch
+
+        super().on_epoch_end()
+        ema = [float(value) for value in self.logger.my_fantastic_logging["ema_fg_dice"]]
+        if plateau_epoch(ema) is not None:
+            self.print_to_log_file(f"{type(self).__name__}: the EMA pseudo Dice plateaued after {len(ema)} epochs")
+            raise _Plateaued
+
+    def run_training(self) -> None:
+        try:
+            super().run_training()
+        except _Plateaued:
+            self.on_train_end()
+
+
+class nnUNetTrainer_fewsamPlateauSearchBf16(_StopsOnPlateau, _Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):
+    """The schedule search of the ``schedule`` profile: epochs of 250 iterations of at most 32 images
+    in bf16, checkpointed after each, trained on a validation view with nnU-Net's own validation on
+    the carved validation cases, until its EMA pseudo-Dice plateaus (at most 60 epochs). The epoch
+    it stops at is the ``cpu`` schedule's."""
 
     schedule = {"num_epochs": 60, "save_every": 1}
 

@@ -436,11 +436,10 @@ def test_a_resumed_training_s_logs_make_one_curve_in_time_order(tmp_path):
     assert record["epoch_seconds"] == [10.0, 11.0, 12.0]
 
 
-def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(monkeypatch):
+def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(monkeypatch, tmp_path):
     """After each epoch the search trainer applies the plateau rule to nnU-Net's own moving average;
     once it holds, training ends through nnU-Net's own end of training (its final checkpoint)."""
-    from types import SimpleNamespace
-
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from fewsam_lib.methods.nnunet_trainers import fewsam_trainers as trainers
@@ -451,10 +450,13 @@ def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(m
     monkeypatch.setattr(nnUNetTrainer, "on_train_end", lambda self: ended.append(True))
     trainer = object.__new__(search)
     trainer.print_to_log_file = lambda *args: None
-    trainer.logger = SimpleNamespace(my_fantastic_logging={"ema_fg_dice": [0.1 * e for e in range(10)]})
+    trainer.logger = MetaLogger(str(tmp_path), False)  # nnU-Net's own, as the trainer gets it
+    for epoch in range(10):
+        trainer.logger.log("ema_fg_dice", 0.1 * epoch, epoch)
     trainer.on_epoch_end()  # still rising: nothing happens
-    trainer.logger.my_fantastic_logging["ema_fg_dice"] = [0.8] * 10
-    with pytest.raises(trainers._Plateaued):
+    for epoch in range(10, 14):
+        trainer.logger.log("ema_fg_dice", 0.9, epoch)
+    with pytest.raises(trainers._Plateaued):  # 14 epochs: the last 3 gained nothing
         trainer.on_epoch_end()
 
     def epochs_until_plateau(self):

@@ -128,7 +128,7 @@ class _StopsOnPlateau(_TrainedOnFoldAll):
         from fewsam_lib.methods.nnunet import plateau_epoch
 
         super().on_epoch_end()
-        ema = [float(value) for value in self.logger.my_fantastic_logging["ema_fg_dice"]]
+        ema = [float(value) for value in self.logger.get_value("ema_fg_dice", step=None)]  # every epoch's
         if plateau_epoch(ema) is not None:
             self.print_to_log_file(f"{type(self).__name__}: the EMA pseudo Dice plateaued after {len(ema)} epochs")
             raise _Plateaued

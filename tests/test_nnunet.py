@@ -465,3 +465,20 @@ def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(m
     monkeypatch.setattr(nnUNetTrainer, "run_training", epochs_until_plateau)
     trainer.run_training()
     assert ended == [True]
+
+
+def test_the_hippocampus_cpu_schedule_is_where_the_committed_search_plateaued():
+    """The chosen trainer's epochs are the plateau the committed schedule search recorded, and that
+    plateau follows from the curve in its own log."""
+    from fewsam_lib.methods.nnunet import plateau_epoch
+    from fewsam_lib.methods.nnunet_trainers import fewsam_trainers as trainers
+
+    runs = Path("results/runs/msd_hippocampus/nnunet")
+    folder = next(runs.glob("*_2d-nnUNetTrainer_fewsamPlateauSearchBf16_*_schedule"))
+    meta, _ = load_run(folder)
+    assert meta["parameters"]["fold"] == "0" and meta["data"]["evaluated_split"] == "validation"
+    plateau = meta["nnunet_training"]["plateau_epoch"]
+    assert plateau == plateau_epoch(nnunet_log_curve(folder).ema_pseudo_dice.tolist()) == 30
+    chosen = trainers.nnUNetTrainer_fewsamCpuPlateau30Bf16
+    assert chosen.schedule == {"num_epochs": plateau, "save_every": 1} and chosen.max_batch_size == 32
+    assert issubclass(chosen, trainers._Bf16OnCpu)

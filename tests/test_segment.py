@@ -109,19 +109,23 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
     partial_support, located_model, hippocampus, tmp_path, capsys
 ):
     """``--model`` with ``--support`` fine-tunes a copy of the saved location head on the support's
-    labelled slices; the query being the support, its labelled slices keep their labels and the slices
-    next to them (``--copy-distance``, default 1) copy them."""
+    labelled slices (``--save-model`` keeps the adapted one); the query being the support, its labelled
+    slices keep their labels and the slices next to them (``--copy-distance``, default 1) copy them."""
     image, partial, _, keep = partial_support
     saved_bytes = located_model.read_bytes()
     support = ["--model", located_model, "--support", image, "--support-labels", partial, "--query", image]
-    outs = {name: tmp_path / f"{name}.nii.gz" for name in ("adapted", "loaded", "no_copy")}
-    assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["adapted"]])]) == 0
+    outs = {name: tmp_path / f"{name}.nii.gz" for name in ("adapted", "loaded", "no_copy", "reloaded")}
+    kept = tmp_path / "adapted.pt"
+    assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["adapted"], "--save-model", kept])]) == 0
     printed = capsys.readouterr().out
     assert f"adapted {located_model} to 3 labelled slices of {image}: {keep}" in printed
     assert "slices within 1 of one copy its labels" in printed
     assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["loaded"], "--adapt-steps", "0"])]) == 0
     assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["no_copy"], "--copy-distance", "0"])]) == 0
     assert located_model.read_bytes() == saved_bytes  # the saved model itself is never changed
+    again = ["--model", kept, "--support", image, "--support-labels", partial, "--query", image, "--adapt-steps", "0"]
+    assert main(["segment", "--quiet", *map(str, [*again, "--out", outs["reloaded"]])]) == 0
+    np.testing.assert_array_equal(nib.load(outs["reloaded"]).dataobj, nib.load(outs["adapted"]).dataobj)
 
     truth = np.asarray(nib.load(partial).dataobj)
     adapted, loaded, no_copy = (np.asarray(nib.load(outs[name]).dataobj) for name in ("adapted", "loaded", "no_copy"))

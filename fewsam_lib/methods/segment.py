@@ -227,8 +227,8 @@ def segment_query(
             model = adapt_to_partial_labels(
                 model, Path(model_file), partial, support_labels, cache, adapt_steps, seed, progress
             )
-        if save_model is not None:
-            model.save(save_model)
+    if save_model is not None:  # the model that segments: trained, adapted, or as loaded
+        model.save(save_model)
     axis = model.preprocessing["slice_axis"]
     grey = image_grey_slices(query_volume.image, parse_intensity(model.preprocessing["intensity"], str(query)), axis)
     embeddings = cache.get_many(grey, progress=progress, desc="encode query")

@@ -632,8 +632,9 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     # nnU-Net names its logs by an unpadded date: order them by time. An interrupted training that
     # resumed (--c) continues in a new log, so the run folder gets all of them, oldest first.
     logs = sorted(fold_folder.glob("training_log_*.txt"), key=lambda log: log.stat().st_mtime)
-    if logs:
-        (run_folder / LOG_FILE).write_text("".join(log.read_text() for log in logs))
+    texts = [log.read_text() for log in logs]
+    if texts:
+        (run_folder / LOG_FILE).write_text("".join(texts))
     if (fold_folder / "progress.png").exists():
         shutil.copyfile(fold_folder / "progress.png", run_folder / "nnunet_progress.png")
     debug = fold_folder / "debug.json"
@@ -644,7 +645,7 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
     }
     # Every epoch nnU-Net finished, over all its logs (an interrupted training continues in a new one).
     record["epoch_seconds"] = [
-        float(seconds) for log in logs for seconds in re.findall(r"Epoch time: ([0-9.]+) s", log.read_text())
+        float(seconds) for text in texts for seconds in re.findall(r"Epoch time: ([0-9.]+) s", text)
     ]
     plans = fold_folder.parent / "plans.json"  # the trained configuration's patch is not in debug.json
     configuration = settings.get("configuration_name")

@@ -22,7 +22,7 @@ from ..data.manifest import load_manifest
 from ..data.volumes import grey_slices, load_case, take_slice
 from ..errors import FewsamError
 from ..methods.base import get_method
-from ..methods.nnunet import PLATEAU_GAIN, last_fifth_gain, nnunet_log_curve
+from ..methods.nnunet import LOG_FILE, PLATEAU_GAIN, last_fifth_gain, nnunet_log_curve
 from .drawing import draw_labels, show_slice
 from .figures import prompting_figure
 
@@ -499,9 +499,8 @@ def within_volume_markdown(table: pd.DataFrame) -> str:
             ("volume_dice", "Dice of the unlabelled part of each volume"),
         ):
             shown = part.pivot_table(index=["task", "label", "backbone"], columns="k", values=level, sort=False)
-            shown = shown[
-                sorted(shown.columns)
-            ]  # sort=False keeps the rows' order, and would keep k's first-seen order
+            # sort=False keeps the rows' order, and would keep k's first-seen order too
+            shown = shown[sorted(shown.columns)]
             shown.columns = [f"k={k}" for k in shown.columns]
             shown = shown.reset_index().rename(columns={"label": "method"})
             lines += [f"### {dataset} — {title}", "", shown.to_markdown(index=False, floatfmt=".3f"), ""]
@@ -650,7 +649,7 @@ def nnunet_schedule_table(index: pd.DataFrame) -> pd.DataFrame:
     for run in index[index.method == "nnunet"].itertuples():
         meta = json.loads((Path(run.folder) / "run.json").read_text())
         training = meta.get("nnunet_training", {})
-        curve = nnunet_log_curve(run.folder) if (Path(run.folder) / "nnunet_training_log.txt").exists() else None
+        curve = nnunet_log_curve(run.folder) if (Path(run.folder) / LOG_FILE).exists() else None
         ema = curve.ema_pseudo_dice.dropna().to_numpy() if curve is not None else np.array([])
         gain = last_fifth_gain(ema) if len(ema) else np.nan
         rows.append(

@@ -149,12 +149,6 @@ class nnUNetTrainer_fewsamPlateauSearchBf16(_StopsOnPlateau, _Bf16OnCpu, nnUNetT
     schedule = {"num_epochs": 60, "save_every": 1}
 
 
-class nnUNetTrainer_fewsamPlateauSearchBatch13Bf16(nnUNetTrainer_fewsamPlateauSearchBf16):
-    """``nnUNetTrainer_fewsamPlateauSearchBf16`` at 13 images a batch (the CT schedule's batch)."""
-
-    max_batch_size = 13
-
-
 class nnUNetTrainer_fewsamCpuPlateau30Bf16(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):
     """The hippocampus ``cpu`` schedule chosen by the schedule search (profile ``schedule``): 30
     epochs of 250 iterations of at most 32 images in bf16, checkpointed after each. On the carved

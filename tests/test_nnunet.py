@@ -456,7 +456,7 @@ def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(m
     trainer.on_epoch_end()  # still rising: nothing happens
     for epoch in range(10, 14):
         trainer.logger.log("ema_fg_dice", 0.9, epoch)
-    with pytest.raises(trainers._Plateaued):  # 14 epochs: the last 3 gained nothing
+    with pytest.raises(trainers._SearchEnded):  # 14 epochs: the last 3 gained nothing
         trainer.on_epoch_end()
 
     def epochs_until_plateau(self):
@@ -465,6 +465,35 @@ def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(m
     monkeypatch.setattr(nnUNetTrainer, "run_training", epochs_until_plateau)
     trainer.run_training()
     assert ended == [True]
+
+
+def test_the_ct_search_trainer_also_ends_before_an_epoch_would_pass_its_time_limit(monkeypatch, tmp_path):
+    """Without a plateau, the CT search ends once one more epoch of the mean length so far would take
+    the summed epoch times (nnU-Net's own timestamps, which survive a resume) past 2.5 hours."""
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from fewsam_lib.methods.nnunet_trainers import fewsam_trainers as trainers
+
+    search = trainers.nnUNetTrainer_fewsamPlateauSearchBatch13
+    assert search.training_hours == 2.5 and search.max_batch_size == 13 and not issubclass(search, trainers._Bf16OnCpu)
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", lambda self: None)
+    trainer = object.__new__(search)
+    trainer.print_to_log_file = lambda *args: None
+    trainer.logger = MetaLogger(str(tmp_path), False)
+
+    def epoch(index: int, minutes: float) -> None:
+        start = 1_000_000.0 + index * 3600
+        trainer.logger.log("epoch_start_timestamps", start, index)
+        trainer.logger.log("epoch_end_timestamps", start + minutes * 60, index)
+        trainer.logger.log("ema_fg_dice", 0.05 * index, index)  # still rising: never a plateau
+
+    for index in range(14):
+        epoch(index, 10.0)
+    trainer.on_epoch_end()  # 140 min spent: one more of 10 min ends exactly at the limit
+    epoch(14, 10.5)
+    with pytest.raises(trainers._SearchEnded):  # 150.5 min spent
+        trainer.on_epoch_end()
 
 
 def test_the_hippocampus_cpu_schedule_is_where_the_committed_search_plateaued():
@@ -479,6 +508,7 @@ def test_the_hippocampus_cpu_schedule_is_where_the_committed_search_plateaued():
     assert meta["parameters"]["fold"] == "0" and meta["data"]["evaluated_split"] == "validation"
     plateau = meta["nnunet_training"]["plateau_epoch"]
     assert plateau == plateau_epoch(nnunet_log_curve(folder).ema_pseudo_dice.tolist()) == 30
-    chosen = trainers.nnUNetTrainer_fewsamCpuPlateau30Bf16
-    assert chosen.schedule == {"num_epochs": plateau, "save_every": 1} and chosen.max_batch_size == 32
-    assert issubclass(chosen, trainers._Bf16OnCpu)
+    for chosen in trainers.nnUNetTrainer_fewsamCpuPlateau30, trainers.nnUNetTrainer_fewsamCpuPlateau30Bf16:
+        assert chosen.schedule == {"num_epochs": plateau, "save_every": 1} and chosen.max_batch_size == 32
+    assert issubclass(trainers.nnUNetTrainer_fewsamCpuPlateau30Bf16, trainers._Bf16OnCpu)
+    assert not issubclass(trainers.nnUNetTrainer_fewsamCpuPlateau30, trainers._Bf16OnCpu)

@@ -115,14 +115,20 @@ class nnUNetTrainer_fewsamSmokeBf16(_Bf16OnCpu, nnUNetTrainer_fewsamSmoke):
     """``nnUNetTrainer_fewsamSmoke`` in bf16: the pipeline of the bf16 trainers, for tests."""
 
 
-class _Plateaued(Exception):
-    """Raised at the end of the epoch after which the moving-average pseudo-Dice has plateaued."""
+class _SearchEnded(Exception):
+    """Raised at the end of the epoch after which the search stops: the moving-average pseudo-Dice
+    has plateaued, or another epoch would overrun the search's training time."""
 
 
 class _StopsOnPlateau(_TrainedOnFoldAll):
     """Ends training after the first epoch at which nnU-Net's EMA pseudo-Dice meets fewsam's plateau
     rule (``fewsam_lib.methods.nnunet.plateau_epoch``), with nnU-Net's own end of training (final
-    checkpoint, data loaders shut down); ``num_epochs`` is the cap."""
+    checkpoint, data loaders shut down); ``num_epochs`` is the cap. With ``training_hours`` set, it
+    also ends once one more epoch of the mean length so far would take the summed epoch times past
+    it: the issue's limit on one run, so a dataset that cannot plateau on this machine shows it in its
+    curve instead of running for days. Epoch times come from nnU-Net's own log, so they survive ``--c``."""
+
+    training_hours: float | None = None
 
     def on_epoch_end(self) -> None:
         from fewsam_lib.methods.nnunet import plateau_epoch
@@ -131,12 +137,23 @@ class _StopsOnPlateau(_TrainedOnFoldAll):
         ema = [float(value) for value in self.logger.get_value("ema_fg_dice", step=None)]  # every epoch's
         if plateau_epoch(ema) is not None:
             self.print_to_log_file(f"{type(self).__name__}: the EMA pseudo Dice plateaued after {len(ema)} epochs")
-            raise _Plateaued
+            raise _SearchEnded
+        if self.training_hours is None:
+            return
+        starts = self.logger.get_value("epoch_start_timestamps", step=None)
+        ends = self.logger.get_value("epoch_end_timestamps", step=None)
+        spent = [end - start for start, end in zip(starts, ends)]
+        if sum(spent) + sum(spent) / len(spent) > self.training_hours * 3600:
+            self.print_to_log_file(
+                f"{type(self).__name__}: no plateau after {len(ema)} epochs ({sum(spent) / 3600:.2f} h); "
+                f"another epoch would pass the {self.training_hours} h limit"
+            )
+            raise _SearchEnded
 
     def run_training(self) -> None:
         try:
             super().run_training()
-        except _Plateaued:
+        except _SearchEnded:
             self.on_train_end()
 
 
@@ -149,10 +166,26 @@ class nnUNetTrainer_fewsamPlateauSearchBf16(_StopsOnPlateau, _Bf16OnCpu, nnUNetT
     schedule = {"num_epochs": 60, "save_every": 1}
 
 
-class nnUNetTrainer_fewsamCpuPlateau30Bf16(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):
+class nnUNetTrainer_fewsamPlateauSearchBatch13(_StopsOnPlateau, nnUNetTrainer_fewsam5epochsBatch13):
+    """The schedule search for CT: epochs of 250 iterations of at most 13 images (a 128x128 CT epoch
+    at 32 took an hour here), checkpointed after each, until the EMA pseudo-Dice plateaus or 2.5
+    hours of epochs are spent, the longest one ``cpu`` run may train on this machine (at most 60
+    epochs). In fp32: the machines this project is given do not all compute bf16 natively."""
+
+    schedule = {"num_epochs": 60, "save_every": 1}
+    training_hours = 2.5
+
+
+class nnUNetTrainer_fewsamCpuPlateau30(nnUNetTrainer_fewsam5epochsBatch32):
     """The hippocampus ``cpu`` schedule chosen by the schedule search (profile ``schedule``): 30
-    epochs of 250 iterations of at most 32 images in bf16, checkpointed after each. On the carved
-    validation cases nnU-Net's moving-average pseudo-Dice plateaued after 30 epochs (gain under 0.01
-    over the last 6); here the learning rate decays over those 30."""
+    epochs of 250 iterations of at most 32 images, checkpointed after each. On the carved validation
+    cases nnU-Net's moving-average pseudo-Dice plateaued after 30 epochs (gain under 0.01 over the
+    last 6); here the learning rate decays over those 30. In fp32, which every CPU computes at full
+    speed (the search ran in bf16, within 0.01 validation pseudo-Dice of fp32 after 5 epochs)."""
 
     schedule = {"num_epochs": 30, "save_every": 1}
+
+
+class nnUNetTrainer_fewsamCpuPlateau30Bf16(_Bf16OnCpu, nnUNetTrainer_fewsamCpuPlateau30):
+    """``nnUNetTrainer_fewsamCpuPlateau30`` in bf16: 1.8x faster where the CPU computes bf16 itself
+    (AVX512-BF16 / AMX); elsewhere bf16 is emulated and many times slower (``hardware.native_bf16``)."""

@@ -359,29 +359,38 @@ def test_nnunet_trainers_may_be_listed_per_budget():
 
 
 def test_the_nnunet_curve_keeps_nnunets_own_moving_average_and_the_schedule_table_reads_it():
-    """On a committed nnU-Net run: the moving average read from the log is the one nnU-Net printed
-    whenever it was a new best, and the schedule table reports the run's epochs and batch."""
-    folder = next(Path("results/runs/msd_hippocampus/nnunet").glob("*Batch32_shots42_seed0_cpu"))
+    """On committed nnU-Net runs: the moving average read from the log is the one nnU-Net printed
+    whenever it was a new best, and the schedule table reports each run's epochs, batch and precision."""
+    runs = Path("results/runs/msd_hippocampus/nnunet")
+    folder = next(runs.glob("*_2d-nnUNetTrainer_fewsamCpuPlateau30_shots42_seed0_cpu"))
     curve = nnunet_log_curve(folder)
     printed = [
         float(line.rsplit(":", 1)[1])
         for line in (folder / "nnunet_training_log.txt").read_text().splitlines()
         if "New best EMA pseudo Dice" in line
     ]
-    assert len(curve) == 5 and len(printed) == 5  # a new best after every epoch of this run
+    assert len(curve) == 30 and len(printed) == 30  # a new best after every epoch of this run
     assert np.allclose(curve.ema_pseudo_dice, printed, atol=2e-4)
+    bf16 = next(runs.glob("*_2d-nnUNetTrainer_fewsam5epochsBatch32Bf16_*_validation"))
     index = pd.DataFrame(
         [
             {
-                "folder": str(folder),
+                "folder": str(run),
                 "dataset": "msd_hippocampus",
                 "method": "nnunet",
-                "variant": "2d-nnUNetTrainer_fewsam5epochsBatch32",
-                "shots": 42,
-                "budget": "slices40seed0",
+                "variant": f"2d-{trainer}",
+                "shots": shots,
+                "budget": budget,
             }
+            for run, trainer, shots, budget in (
+                (folder, "nnUNetTrainer_fewsamCpuPlateau30", 42, "slices40seed0"),
+                (bf16, "nnUNetTrainer_fewsam5epochsBatch32Bf16", 4261, "full"),
+            )
         ]
     )
-    (row,) = nnunet_schedule_table(index).to_dict("records")
-    assert row["epochs"] == 5 and row["batch"] == 3 and row["plateau"] == "no"  # still rising at epoch 5
-    assert row["its gain, last fifth"] == pytest.approx(curve.ema_pseudo_dice.iloc[-1] - curve.ema_pseudo_dice.iloc[-2])
+    row, bf16_row = nnunet_schedule_table(index).to_dict("records")
+    assert (row["epochs"], row["batch"], row["precision"]) == (30, 3, "fp32")
+    assert (bf16_row["epochs"], bf16_row["batch"], bf16_row["precision"]) == (5, 32, "bf16")
+    # The moving average starts at epoch 0's value and lags: still 0.04 up over the last 6 epochs.
+    assert row["plateau"] == "no"
+    assert row["its gain, last fifth"] == pytest.approx(curve.ema_pseudo_dice.iloc[-1] - curve.ema_pseudo_dice.iloc[-7])

@@ -22,7 +22,7 @@ from ..data.manifest import load_manifest
 from ..data.volumes import grey_slices, load_case, take_slice
 from ..errors import FewsamError
 from ..methods.base import get_method
-from ..methods.nnunet import LOG_FILE, PLATEAU_GAIN, last_fifth_gain, nnunet_log_curve
+from ..methods.nnunet import LOG_FILE, PLATEAU_GAIN, last_fifth_gain, nnunet_log_curve, training_precision
 from .drawing import draw_labels, show_slice
 from .figures import prompting_figure
 
@@ -661,7 +661,7 @@ def nnunet_schedule_table(index: pd.DataFrame) -> pd.DataFrame:
                 # nnU-Net's debug.json, where these come from, holds them as strings.
                 "iterations per epoch": _integer(training.get("num_iterations_per_epoch")),
                 "batch": _integer(training.get("batch_size")),
-                "precision": training.get("precision") or "fp32",
+                "precision": training_precision(run.folder),
                 "final pseudo Dice": float(curve.pseudo_dice.iloc[-1]) if curve is not None and len(curve) else np.nan,
                 "moving average": float(ema[-1]) if len(ema) else np.nan,
                 "its gain, last fifth": gain,

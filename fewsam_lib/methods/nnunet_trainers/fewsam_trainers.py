@@ -103,8 +103,10 @@ class _Bf16OnCpu(_TrainedOnFoldAll):
                 return type(output)(o.float() for o in output)
             return output.float()
 
+        from fewsam_lib.methods.nnunet import BF16_LOG_LINE  # the report reads a run's precision by it
+
         self.network.forward = bf16_forward
-        self.print_to_log_file(f"{type(self).__name__}: forward passes under bf16 autocast on the CPU")
+        self.print_to_log_file(f"{type(self).__name__}: {BF16_LOG_LINE} on the CPU")
 
 
 class nnUNetTrainer_fewsam5epochsBatch32Bf16(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):

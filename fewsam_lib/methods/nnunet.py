@@ -658,15 +658,16 @@ def copy_training_record(fold_folder: Path, run_folder: Path) -> dict:
 LOG_FILE = "nnunet_training_log.txt"  # nnU-Net's training log, copied into the run folder
 BF16_LOG_LINE = "forward passes under bf16 autocast"  # what the project's bf16 trainers log
 
+PLATEAU_GAIN = 0.01  # the nnU-Net issue's rule: the moving average gains less than this ...
+PLATEAU_WINDOW = 0.2  # ... over the last fifth of the epochs
+PLATEAU_MIN_EPOCHS = 10  # a window of at least two epochs
+
 
 def training_precision(run_folder: str | Path) -> str:
     """``bf16`` where the run's nnU-Net log says its forward passes ran under bf16 autocast, else
     ``fp32`` (nnU-Net's own trainers on a CPU)."""
     log = Path(run_folder) / LOG_FILE
     return "bf16" if log.exists() and BF16_LOG_LINE in log.read_text() else "fp32"
-PLATEAU_GAIN = 0.01  # the nnU-Net issue's rule: the moving average gains less than this ...
-PLATEAU_WINDOW = 0.2  # ... over the last fifth of the epochs
-PLATEAU_MIN_EPOCHS = 10  # a window of at least two epochs
 
 
 def nnunet_log_curve(run_folder: str | Path) -> pd.DataFrame:

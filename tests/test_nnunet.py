@@ -508,7 +508,32 @@ def test_the_hippocampus_cpu_schedule_is_where_the_committed_search_plateaued():
     assert meta["parameters"]["fold"] == "0" and meta["data"]["evaluated_split"] == "validation"
     plateau = meta["nnunet_training"]["plateau_epoch"]
     assert plateau == plateau_epoch(nnunet_log_curve(folder).ema_pseudo_dice.tolist()) == 30
-    for chosen in trainers.nnUNetTrainer_fewsamCpuPlateau30, trainers.nnUNetTrainer_fewsamCpuPlateau30Bf16:
-        assert chosen.schedule == {"num_epochs": plateau, "save_every": 1} and chosen.max_batch_size == 32
-    assert issubclass(trainers.nnUNetTrainer_fewsamCpuPlateau30Bf16, trainers._Bf16OnCpu)
-    assert not issubclass(trainers.nnUNetTrainer_fewsamCpuPlateau30, trainers._Bf16OnCpu)
+    chosen = trainers.nnUNetTrainer_fewsamCpuPlateau30
+    assert chosen.schedule == {"num_epochs": plateau, "save_every": 1} and chosen.max_batch_size == 32
+    assert chosen.only_where_native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_schedule_runs_bf16_only_where_the_cpu_computes_it(native, nnunet_smoke_run, nnunet_roots, monkeypatch):
+    """Emulated bf16 is many times slower than fp32: the cpu trainer falls back to fp32 there, and
+    its log says which precision ran (the report's schedule table reads it)."""
+    import torch
+
+    from fewsam_lib import hardware
+    from fewsam_lib.methods.nnunet import BF16_LOG_LINE
+    from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsamCpuPlateau30
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda: native)
+    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
+    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    trainer = build_trainer(nnUNetTrainer_fewsamCpuPlateau30, plans, dataset_json)
+    logged = []
+    trainer.print_to_log_file = lambda *args, **kwargs: logged.append(" ".join(map(str, args)))
+    trainer.initialize()
+    convolution = next(m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    convolution.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    trainer.network(torch.randn(2, 1, *plans["configurations"]["2d"]["patch_size"]))
+    assert seen == [torch.bfloat16 if native else torch.float32]
+    assert any(BF16_LOG_LINE in line for line in logged) == native

@@ -90,10 +90,18 @@ class _Bf16OnCpu(_TrainedOnFoldAll):
     untouched; weights, optimiser and checkpoints stay fp32, so prediction loads them as usual.
     Worth it only where the CPU computes bf16 natively (AVX512-BF16 / AMX): elsewhere it is slower."""
 
+    only_where_native = False  # True: bf16 only where the CPU computes it natively, else fp32
+
     def initialize(self) -> None:
         super().initialize()
         if self.device.type != "cpu":
             return
+        if self.only_where_native:
+            from fewsam_lib.hardware import native_bf16
+
+            if not native_bf16():
+                self.print_to_log_file(f"{type(self).__name__}: fp32, this CPU does not compute bf16 natively")
+                return
         forward = self.network.forward
 
         def bf16_forward(*args, **kwargs):
@@ -178,16 +186,14 @@ class nnUNetTrainer_fewsamPlateauSearchBatch13(_StopsOnPlateau, nnUNetTrainer_fe
     training_hours = 2.5
 
 
-class nnUNetTrainer_fewsamCpuPlateau30(nnUNetTrainer_fewsam5epochsBatch32):
+class nnUNetTrainer_fewsamCpuPlateau30(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):
     """The hippocampus ``cpu`` schedule chosen by the schedule search (profile ``schedule``): 30
     epochs of 250 iterations of at most 32 images, checkpointed after each. On the carved validation
     cases nnU-Net's moving-average pseudo-Dice plateaued after 30 epochs (gain under 0.01 over the
-    last 6); here the learning rate decays over those 30. In fp32, which every CPU computes at full
-    speed (the search ran in bf16, within 0.01 validation pseudo-Dice of fp32 after 5 epochs)."""
+    last 6); here the learning rate decays over those 30. In bf16 where the CPU computes it natively
+    (1.8x fp32 there, as in the search, within 0.01 validation pseudo-Dice of fp32 after 5 epochs),
+    in fp32 elsewhere (emulated bf16 is many times slower); the log says which, and so does the
+    report's schedule table."""
 
     schedule = {"num_epochs": 30, "save_every": 1}
-
-
-class nnUNetTrainer_fewsamCpuPlateau30Bf16(_Bf16OnCpu, nnUNetTrainer_fewsamCpuPlateau30):
-    """``nnUNetTrainer_fewsamCpuPlateau30`` in bf16: 1.8x faster where the CPU computes bf16 itself
-    (AVX512-BF16 / AMX); elsewhere bf16 is emulated and many times slower (``hardware.native_bf16``)."""
+    only_where_native = True

@@ -316,10 +316,14 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "lite_medsam",
         "sam_vit_b",
     }
-    assert {run.manifest for run in load_profile("cpu").runs()} == {
+    cpu_runs = load_profile("cpu").runs()
+    assert {run.manifest for run in cpu_runs} == {
         "data_manifests/msd_hippocampus.yaml",
         "data_manifests/openkbp_hn_ct.yaml",
+        "data_manifests/chest_xray.yaml",
     }
+    # The X-rays join method by method: an override with empty lists plans none of the others yet.
+    assert {run.method for run in cpu_runs if run.manifest.endswith("chest_xray.yaml")} == {"sam_prompting"}
 
 
 def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_dataset():
@@ -339,7 +343,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
 
     assert nnunet_cells(load_profile("cpu")) == {
         ("msd_hippocampus", "full", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
-        ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
+        ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsamCpuPlateau30"),
         ("msd_hippocampus", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("openkbp_hn_ct", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13"),
         ("openkbp_hn_ct", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),

@@ -206,7 +206,7 @@ def nnunet_roots(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def nnunet_smoke_run(nnunet_roots, tmp_path_factory) -> Path:
-    """Run folder of 30_nnunet: plan -> train (1 epoch of 10 iterations) -> predict, matched budget."""
+    """Run folder of 30_nnunet: plan -> train (1 epoch of 2 iterations) -> predict, matched budget."""
     return _smoke_run(tmp_path_factory, "nnunet", "2d-nnUNetTrainer_fewsamSmoke", backbone="none", budget="matched")
 
 

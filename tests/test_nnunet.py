@@ -244,18 +244,14 @@ def test_every_profiles_trainer_is_found_and_an_unknown_one_is_refused_before_an
     assert not (tmp_path / "results").exists() and sorted((nnunet_roots / "raw").glob("*")) == exported
 
 
-def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_the_planned_batch(
-    nnunet_smoke_run, nnunet_roots
-):
+def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_the_planned_batch(smoke_plans):
     from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import (
         nnUNetTrainer_fewsam5epochs,
         nnUNetTrainer_fewsam5epochsBatch13,
         nnUNetTrainer_fewsam5epochsBatch32,
     )
 
-    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
-    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    plans, dataset_json = smoke_plans
     planned = plans["configurations"]["2d"]["batch_size"]
     assert planned < 13  # two hippocampus volumes
     for trainer_class in (
@@ -273,16 +269,12 @@ def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_t
     assert build_trainer(nnUNetTrainer_fewsam5epochsBatch13, plans, dataset_json).batch_size == 13
 
 
-def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(
-    nnunet_smoke_run, nnunet_roots, tmp_path, monkeypatch
-):
+def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(smoke_plans, tmp_path, monkeypatch):
     import torch
 
     from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochs
 
-    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
-    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    plans, dataset_json = smoke_plans
     trainer = build_trainer(nnUNetTrainer_fewsam5epochs, plans, dataset_json)
     trainer.initialize()
     checkpoint = tmp_path / "checkpoint_latest.pth"
@@ -300,6 +292,13 @@ def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(
     assert checkpoint.read_bytes() == written
 
 
+@pytest.fixture
+def smoke_plans(nnunet_smoke_run, nnunet_roots) -> tuple[dict, dict]:
+    """The smoke run's nnU-Net plans and dataset.json, read afresh for each test (tests edit them)."""
+    folder = nnunet_roots / "preprocessed" / load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
+    return json.loads((folder / "nnUNetPlans.json").read_text()), json.loads((folder / "dataset.json").read_text())
+
+
 def build_trainer(trainer_class, plans: dict, dataset_json: dict):
     """A trainer as nnUNetv2_train builds it, with the batch set as initialize() sets it."""
     import torch
@@ -310,16 +309,12 @@ def build_trainer(trainer_class, plans: dict, dataset_json: dict):
     return trainer
 
 
-def test_the_bf16_trainer_runs_its_forward_passes_in_bf16_and_keeps_fp32_weights_and_outputs(
-    nnunet_smoke_run, nnunet_roots
-):
+def test_the_bf16_trainer_runs_its_forward_passes_in_bf16_and_keeps_fp32_weights_and_outputs(smoke_plans):
     import torch
 
     from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsam5epochsBatch32Bf16
 
-    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
-    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    plans, dataset_json = smoke_plans
     trainer = build_trainer(nnUNetTrainer_fewsam5epochsBatch32Bf16, plans, dataset_json)
     assert (trainer.num_epochs, trainer.save_every) == (5, 1)  # the fp32 trainer's schedule
     trainer.initialize()
@@ -514,7 +509,7 @@ def test_the_hippocampus_cpu_schedule_is_where_the_committed_search_plateaued():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_the_cpu_schedule_runs_bf16_only_where_the_cpu_computes_it(native, nnunet_smoke_run, nnunet_roots, monkeypatch):
+def test_the_cpu_schedule_runs_bf16_only_where_the_cpu_computes_it(native, smoke_plans, monkeypatch):
     """Emulated bf16 is many times slower than fp32: the cpu trainer falls back to fp32 there, and
     its log says which precision ran (the report's schedule table reads it)."""
     import torch
@@ -524,9 +519,7 @@ def test_the_cpu_schedule_runs_bf16_only_where_the_cpu_computes_it(native, nnune
     from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import nnUNetTrainer_fewsamCpuPlateau30
 
     monkeypatch.setattr(hardware, "native_bf16", lambda: native)
-    dataset = load_run(nnunet_smoke_run)[0]["nnunet_dataset"]
-    plans = json.loads((nnunet_roots / "preprocessed" / dataset / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((nnunet_roots / "preprocessed" / dataset / "dataset.json").read_text())
+    plans, dataset_json = smoke_plans
     trainer = build_trainer(nnUNetTrainer_fewsamCpuPlateau30, plans, dataset_json)
     logged = []
     trainer.print_to_log_file = lambda *args, **kwargs: logged.append(" ".join(map(str, args)))

@@ -263,6 +263,7 @@ def _segment(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         adapt_steps=args.adapt_steps,
         copy_distance=args.copy_distance,
+        head_steps=args.head_steps,
     )
     if result.support_slices:
         done = f"adapted {args.model} to" if result.adapted else ("read" if args.model else "trained on")
@@ -392,6 +393,8 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     from .methods.fewshot import ADAPT_STEPS, FEWSHOT, FEWSHOT_VARIANTS, TrainingSettings
     from .methods.within_volume import COPY_DISTANCE
 
+    default_head_steps = FEWSHOT_VARIANTS[FEWSHOT.default_variant].locator.steps
+
     parser = sub.add_parser(
         "segment", help="few-shot segmentation of a volume from a few labelled slices of it or of another"
     )
@@ -424,6 +427,13 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help=f"decoder training steps (default {TrainingSettings().steps})"
+    )
+    parser.add_argument(
+        "--head-steps",
+        type=positive_int,
+        default=None,
+        help=f"location-head training steps (default: the variant's, {default_head_steps} for "
+        f"{FEWSHOT.default_variant}; fewer train faster and locate less surely)",
     )
     parser.add_argument(
         "--adapt-steps",

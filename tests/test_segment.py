@@ -96,12 +96,14 @@ def test_segment_with_a_run_s_saved_model_reproduces_the_run_s_prediction(
 
 @pytest.fixture(scope="module")
 def located_model(partial_support, tmp_path_factory):
-    """A saved model with a location head (variant ``located``, 10 decoder steps) from the support."""
+    """A saved model with a location head (variant ``located``; 10 decoder and 30 head steps, enough for
+    the mechanics tested with it) from the support."""
     image, partial, _, _ = partial_support
     folder = tmp_path_factory.mktemp("located")
     arguments = ["--support", image, "--support-labels", partial, "--query", image, "--out", folder / "first.nii.gz"]
     saved = ["--save-model", folder / "model.pt", "--copy-distance", "0"]
-    assert main(["segment", "--quiet", "--steps", "10", "--variant", "located", *map(str, arguments + saved)]) == 0
+    short = ["--steps", "10", "--head-steps", "30", "--variant", "located"]
+    assert main(["segment", "--quiet", *map(str, short + arguments + saved)]) == 0
     return folder / "model.pt"
 
 
@@ -121,10 +123,11 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
     assert f"adapted {located_model} to 3 labelled slices of {image}: {keep}" in printed
     assert "slices within 1 of one copy its labels" in printed
     assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["loaded"], "--adapt-steps", "0"])]) == 0
-    assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["no_copy"], "--copy-distance", "0"])]) == 0
     assert located_model.read_bytes() == saved_bytes  # the saved model itself is never changed
     again = ["--model", kept, "--support", image, "--support-labels", partial, "--query", image, "--adapt-steps", "0"]
     assert main(["segment", "--quiet", *map(str, [*again, "--out", outs["reloaded"]])]) == 0
+    # the adapted model as saved, without copying (the same as adapting again with --copy-distance 0)
+    assert main(["segment", "--quiet", *map(str, [*again, "--out", outs["no_copy"], "--copy-distance", "0"])]) == 0
     np.testing.assert_array_equal(nib.load(outs["reloaded"]).dataobj, nib.load(outs["adapted"]).dataobj)
 
     truth = np.asarray(nib.load(partial).dataobj)
@@ -150,6 +153,8 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
         ("support_without_labels", "give --support and --support-labels together"),
         ("nothing_to_learn_from", "give --support and --support-labels"),
         ("copy_into_another_volume", "--copy-distance copies labels within one volume"),
+        ("head_steps_without_a_head", "--head-steps: variant centred has no location head"),
+        ("head_steps_with_a_model", "--head-steps trains a new model's location head; with --model use --adapt-steps"),
     ],
 )
 def test_segment_errors_are_one_clear_line(case, expected, partial_support, query, hippocampus, tmp_path, capsys):
@@ -165,6 +170,8 @@ def test_segment_errors_are_one_clear_line(case, expected, partial_support, quer
         "support_without_labels": ["--support", image],
         "nothing_to_learn_from": [],
         "copy_into_another_volume": [*support, "--copy-distance", "1"],
+        "head_steps_without_a_head": [*support, "--head-steps", "5"],
+        "head_steps_with_a_model": ["--model", tmp_path / "model.pt", "--head-steps", "5"],
     }[case]
     query_image = tmp_path / "missing.nii.gz" if case == "missing_query" else query.image
     assert _segment(*arguments, "--query", query_image, "--out", tmp_path / "out.nii.gz") == 2

@@ -11,7 +11,7 @@ support volume, its labelled slices keep their labels and their neighbours copy 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,10 @@ def fit_on_partial_labels(
     settings: TrainingSettings,
     seed: int,
     progress: bool,
+    head_steps: int | None = None,
 ) -> FewShotModel:
-    """Train a few-shot model on the annotated slices of one support volume."""
+    """Train a few-shot model on the annotated slices of one support volume (``head_steps``: the
+    location head's training steps instead of the variant's)."""
     tasks = parse_label_names(tasks_text, partial.present)
     foreign = sorted(set(partial.present) - set(tasks))
     if foreign:
@@ -116,6 +118,8 @@ def fit_on_partial_labels(
         raise FewsamError(f"{support_labels}: no voxel of {', '.join(absent)}; each task needs a labelled slice")
     embeddings = list(cache.get_many(partial.greys, progress=progress, desc="encode support"))
     chosen = get_fewshot_variant(variant).with_schedule(**asdict(settings))
+    if head_steps is not None:
+        chosen = replace(chosen, locator=replace(chosen.locator, steps=head_steps))
     model, _ = fit_fewshot(
         cache.backbone.model,
         cache.spec.name,
@@ -174,18 +178,25 @@ def segment_query(
     progress: bool = True,
     adapt_steps: int = ADAPT_STEPS,
     copy_distance: int | None = None,
+    head_steps: int | None = None,
 ) -> SegmentResult:
     """Segment every slice of ``query`` with a few-shot model and write the label volume. The model is
     trained on the support's labelled slices, or loaded (``model_file``), or loaded and its location
     head fine-tuned on the support's labelled slices (both given). When the query is the support
     volume, its labelled slices keep their labels, and slices within ``copy_distance`` (default
-    :data:`COPY_DISTANCE`) of one take its labels."""
+    :data:`COPY_DISTANCE`) of one take its labels. ``head_steps`` replaces the variant's location-head
+    training steps when a model is trained."""
     if slice_axis not in SLICE_AXES:
         raise FewsamError(f"--slice-axis must be one of {', '.join(SLICE_AXES)}, got '{slice_axis}'")
     if (support is None) != (support_labels is None):
         raise FewsamError("give --support and --support-labels together (an image and its partial labels)")
     if model_file is None and support is None:
         raise FewsamError("give --support and --support-labels (to train), or --model (a saved few-shot model)")
+    if head_steps is not None:
+        if model_file is not None:
+            raise FewsamError("--head-steps trains a new model's location head; with --model use --adapt-steps")
+        if get_fewshot_variant(variant).locator is None:
+            raise FewsamError(f"--head-steps: variant {variant} has no location head")
     same_volume = _same_file(support, query)
     if copy_distance is None:
         copy_distance = COPY_DISTANCE if same_volume else 0
@@ -222,6 +233,7 @@ def segment_query(
                 settings or TrainingSettings(),
                 seed,
                 progress,
+                head_steps,
             )
         elif adapt_steps > 0:
             model = adapt_to_partial_labels(

@@ -323,10 +323,22 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "data_manifests/chest_xray.yaml",
         "data_manifests/spine_vb3.yaml",
     }
+
     # The new datasets join method by method: an override with empty lists plans none of the others yet.
-    for dataset in ("chest_xray", "spine_vb3"):
-        assert {run.method for run in cpu_runs if run.manifest.endswith(f"{dataset}.yaml")} == {"sam_prompting"}
-    assert {run.backbone for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {"mobile_sam"}
+    def planned(dataset: str, method: str) -> list:
+        return [run for run in cpu_runs if run.manifest.endswith(f"{dataset}.yaml") and run.method == method]
+
+    assert {run.method for run in cpu_runs if run.manifest.endswith("chest_xray.yaml")} == {"sam_prompting"}
+    assert {run.method for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {
+        "sam_prompting",
+        "within_volume",
+    }
+    assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam"}
+    assert {run.variant for run in planned("spine_vb3", "within_volume")} == {
+        "nearest_slice",
+        "interpolation",
+        "sam_box_propagated",
+    }
 
 
 def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_dataset():

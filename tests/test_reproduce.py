@@ -328,7 +328,13 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     def planned(dataset: str, method: str) -> list:
         return [run for run in cpu_runs if run.manifest.endswith(f"{dataset}.yaml") and run.method == method]
 
-    assert {run.method for run in cpu_runs if run.manifest.endswith("chest_xray.yaml")} == {"sam_prompting"}
+    assert {run.method for run in cpu_runs if run.manifest.endswith("chest_xray.yaml")} == {
+        "sam_prompting",
+        "fewshot",
+    }
+    assert [(run.backbone, run.variant, run.shots) for run in planned("chest_xray", "fewshot")] == [
+        ("mobile_sam", "located_augmented_head_weighted", 20)
+    ]
     assert {run.method for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {
         "sam_prompting",
         "within_volume",

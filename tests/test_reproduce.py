@@ -339,7 +339,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "sam_prompting",
         "within_volume",
     }
-    assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam"}
+    assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}
     assert {run.variant for run in planned("spine_vb3", "within_volume")} == {
         "nearest_slice",
         "interpolation",

@@ -333,7 +333,8 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "fewshot",
     }
     assert [(run.backbone, run.variant, run.shots) for run in planned("chest_xray", "fewshot")] == [
-        ("mobile_sam", "located_augmented_head_weighted", 20)
+        ("mobile_sam", "located_augmented_head_weighted", 5),
+        ("mobile_sam", "located_augmented_head_weighted", 20),
     ]
     assert {run.method for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {
         "sam_prompting",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from fewsam_lib.methods.base import PlannedRun
 from fewsam_lib.methods.fewshot import (
     CURVE_FILE,
     MODEL_FILE,
+    CollectionModelStore,
     FewShotModel,
     embedding_grid_weights,
     few_shot_tokens,
@@ -33,6 +35,7 @@ from fewsam_lib.methods.fewshot import (
     load_support,
     point_token_norm,
     pooled_embedding,
+    train_on_collection,
 )
 
 
@@ -179,14 +182,58 @@ def short_profile(tmp_path: Path, steps: int) -> str:
     return str(path)
 
 
-def test_same_seed_gives_identical_runs(tmp_path):
+def test_same_seed_gives_identical_runs_and_a_third_run_reuses_the_trained_model(tmp_path, isolated_cache):
     run = PlannedRun("fewshot", str(HIPPOCAMPUS_MANIFEST), "mobile_sam", "centred", 3, short_profile(tmp_path, 2), 1)
-    folders = [evaluate(run, results_dir=tmp_path / name, progress=False) for name in ("first", "second")]
-    (first_meta, first), (second_meta, second) = (load_run(folder) for folder in folders)
-    pd.testing.assert_frame_equal(first, second)
-    assert first_meta["collection"] == second_meta["collection"]
+    folders = []
+    for name in ("first", "second", "third"):
+        if name != "third":  # the first two train, so that training itself is shown to be seeded
+            shutil.rmtree(isolated_cache / "_collection_models", ignore_errors=True)
+        folders.append(evaluate(run, results_dir=tmp_path / name, progress=False))
+    (first_meta, first), *others = (load_run(folder) for folder in folders)
+    for meta, metrics in others:
+        pd.testing.assert_frame_equal(first, metrics)
+        assert meta["collection"] == first_meta["collection"]
+    assert [meta["collection_model"]["reused"] for meta in (first_meta, *(m for m, _ in others))] == [
+        False,
+        False,
+        True,
+    ]
     saved = [torch.load(folder / MODEL_FILE, weights_only=True)["decoder"] for folder in folders]
-    assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[0])
+    assert all(torch.equal(saved[0][name], other[name]) for other in saved[1:] for name in saved[0])
+
+
+def test_a_stored_collection_model_is_reused_only_for_the_same_inputs(hippocampus, train_table, caplog):
+    cache = EmbeddingCache("mobile_sam")
+    store = CollectionModelStore(cache)
+    shutil.rmtree(store.folder, ignore_errors=True)
+    collection = draw_collection(hippocampus, 2, 0, train_table)
+    variant = get_fewshot_variant("centred").with_schedule(steps=2)
+
+    def train(seed: int = 0, chosen=variant):
+        return train_on_collection(hippocampus, collection, cache, chosen, seed, progress=False)
+
+    trained, reused = train(), train()
+    assert (trained.reused, reused.reused) == (False, True) and reused.key == trained.key
+    assert reused.trained_seconds == pytest.approx(trained.trained_seconds)
+    assert reused.record()["collection_model"] == {**trained.record()["collection_model"], "reused": True}
+    pd.testing.assert_frame_equal(trained.curve, reused.curve)
+    assert all(torch.equal(trained.model.tokens[name], reused.model.tokens[name]) for name in trained.model.tokens)
+    embedding, label = load_support(hippocampus, collection, cache, progress=False)
+    one_slice, shape = torch.stack(embedding[:1]), label[0].shape
+    model = cache.backbone.model
+    np.testing.assert_array_equal(
+        trained.model.segment(model, one_slice, shape), reused.model.segment(model, one_slice, shape)
+    )
+    other_seed, longer = train(seed=1), train(chosen=variant.with_schedule(steps=3))
+    assert not other_seed.reused and not longer.reused
+    assert len({trained.key, other_seed.key, longer.key}) == 3
+
+    model_path, record_path = store.paths(trained.key)
+    model_path.write_bytes(b"not a model")
+    with caplog.at_level("WARNING"):
+        again = train()
+    assert not again.reused and str(record_path) in caplog.text
+    assert train().reused  # the damaged entry was replaced by a readable one
 
 
 @pytest.fixture(scope="module")

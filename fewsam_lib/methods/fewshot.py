@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
+import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +60,8 @@ from .location import (
 )
 from .prompting import bounding_box, box_prompt_tokens, jitter_box
 from .sam_decoding import EMBEDDING_GRID, decode_masks, no_mask_prompt, resolve_overlaps
+
+log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "fewsam-fewshot-decoder-v2"
 # v1 files (before variants were records) stored only the token design; they load with the
@@ -729,17 +735,119 @@ def encode_twins(
 
 @dataclass
 class CollectionModel:
-    """A few-shot model trained on a collection, with its training curve and what it saw."""
+    """A few-shot model trained on a collection, with its training curve and what it saw.
+
+    ``train_seconds`` is what this call spent (training, or reading a stored model back);
+    ``trained_seconds`` what training took when the model was trained."""
 
     model: FewShotModel
     curve: pd.DataFrame
     support_slices: int
     augmented_slices: int | None
     train_seconds: float
+    trained_seconds: float
+    key: str
+    reused: bool = False
 
-    def counts(self) -> dict[str, int]:
-        counts = {"support_slices": self.support_slices}
-        return counts if self.augmented_slices is None else {**counts, "augmented_slices": self.augmented_slices}
+    def record(self) -> dict[str, Any]:
+        """What a run records of it: the counts, and whether it was trained here or reused."""
+        record: dict[str, Any] = {"support_slices": self.support_slices}
+        if self.augmented_slices is not None:
+            record["augmented_slices"] = self.augmented_slices
+        record["collection_model"] = {
+            "key": self.key,
+            "reused": self.reused,
+            "trained_seconds": round(self.trained_seconds, 1),
+        }
+        return record
+
+
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """sha256 of fewsam's own source files: a stored model is reused only by the code that trained it."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class CollectionModelStore:
+    """Trained collection models, content-addressed next to the embeddings they were trained on.
+
+    A few-shot run and every k of the within-volume track's adapted variant train the same model on
+    the same collection. The key hashes everything training reads: the support slices' embedding
+    keys (backbone, checkpoint, encoder path, pixels) and label slices, the tasks, the variant's
+    definition (schedule included), the seed, fewsam's source and torch's version. A stored model is
+    the one this code would train, up to float rounding across thread counts. One entry is
+    ``<cache root>/_collection_models/<backbone>/<key>.pt`` (the model file) and ``<key>.json``
+    (curve, counts, seconds), the JSON renamed into place last: a crash leaves no complete-looking
+    entry, and an unreadable one is reported, deleted and trained again.
+    """
+
+    def __init__(self, cache: EmbeddingCache) -> None:
+        self.cache = cache
+        self.folder = cache.root / "_collection_models" / cache.spec.name
+
+    def key(
+        self,
+        greys: list[np.ndarray],
+        labels: list[np.ndarray],
+        tasks: dict[int, str],
+        variant: FewShotVariant,
+        seed: int,
+        preprocessing: dict[str, Any],
+    ) -> str:
+        identity = {
+            "tasks": {str(value): name for value, name in tasks.items()},
+            "variant": variant.definition(),
+            "seed": seed,
+            "preprocessing": preprocessing,
+            "fewsam_source": source_fingerprint(),
+            "torch": torch.__version__,
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+        for grey, label in zip(greys, labels):
+            digest.update(self.cache.key(grey).encode())
+            digest.update(repr((label.shape, label.dtype.str)).encode())
+            digest.update(np.ascontiguousarray(label).tobytes())
+        return digest.hexdigest()
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        return self.folder / f"{key}.pt", self.folder / f"{key}.json"
+
+    def load(self, key: str) -> CollectionModel | None:
+        """The stored model, or None when there is none (or it was unreadable, and is now deleted)."""
+        model_path, record_path = self.paths(key)
+        if not record_path.exists():
+            return None
+        started = time.perf_counter()
+        try:
+            record = json.loads(record_path.read_text())
+            model = FewShotModel.load(model_path, self.cache.backbone.model, self.cache.spec.name)
+            curve = pd.DataFrame(record["curve"])
+            counts = (int(record["support_slices"]), record["augmented_slices"], float(record["trained_seconds"]))
+        except (FewsamError, OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("stored collection model %s is unreadable (%s): deleted, training again", record_path, error)
+            record_path.unlink(missing_ok=True)
+            model_path.unlink(missing_ok=True)
+            return None
+        seconds = time.perf_counter() - started
+        return CollectionModel(model, curve, counts[0], counts[1], seconds, counts[2], key, reused=True)
+
+    def save(self, trained: CollectionModel) -> None:
+        model_path, record_path = self.paths(trained.key)
+        trained.model.save(model_path)
+        record = {
+            "curve": trained.curve.to_dict(orient="list"),
+            "support_slices": trained.support_slices,
+            "augmented_slices": trained.augmented_slices,
+            "trained_seconds": trained.trained_seconds,
+        }
+        partial = record_path.with_name(f".{record_path.name}.partial")
+        partial.write_text(json.dumps(record))
+        partial.replace(record_path)
 
 
 def train_on_collection(
@@ -750,12 +858,18 @@ def train_on_collection(
     seed: int,
     progress: bool = True,
 ) -> CollectionModel:
-    """Encode the collection (and its twins when the variant augments) and train the variant on it."""
+    """Encode the collection (and its twins when the variant augments) and train the variant on it,
+    or read back the model this code trained on the same inputs before (:class:`CollectionModelStore`)."""
     greys, labels = support_slices(manifest, collection)
+    preprocessing = {"slice_axis": manifest.slice_axis, "intensity": manifest.intensity.as_dict()}
+    store = CollectionModelStore(cache)
+    key = store.key(greys, labels, manifest.tasks, variant, seed, preprocessing)
+    stored = store.load(key)
+    if stored is not None:
+        return stored
     embeddings = list(cache.get_many(greys, progress=progress, desc="encode support"))
     twins = encode_twins(cache, greys, labels, variant, seed, progress)
     started = time.perf_counter()
-    preprocessing = {"slice_axis": manifest.slice_axis, "intensity": manifest.intensity.as_dict()}
     model, curve = fit_fewshot(
         cache.backbone.model,
         cache.spec.name,
@@ -769,7 +883,10 @@ def train_on_collection(
         twins,
     )
     seconds = time.perf_counter() - started
-    return CollectionModel(model, curve, len(collection.slices), None if twins is None else len(twins[1]), seconds)
+    augmented = None if twins is None else len(twins[1])
+    trained = CollectionModel(model, curve, len(collection.slices), augmented, seconds, seconds, key)
+    store.save(trained)
+    return trained
 
 
 @dataclass(frozen=True)
@@ -834,7 +951,7 @@ class FewShotRun(MethodRun):
         self.timings["train"] = trained.train_seconds
         self.model.save(writer.folder / MODEL_FILE)
         trained.curve.to_csv(writer.folder / CURVE_FILE, index=False)
-        self.extra.update(final_training_loss=float(trained.curve.loss.iloc[-1]), **trained.counts())
+        self.extra.update(final_training_loss=float(trained.curve.loss.iloc[-1]), **trained.record())
 
     def predict_case(self, volume: Volume, extent: range) -> CasePrediction:
         manifest = self.context.manifest

@@ -386,7 +386,7 @@ class FewShotAdapted(WithinVolumeVariant):
     ) -> WithinVolumePrepared:
         collection = draw_collection(manifest, self.shots, seed)
         trained = train_on_collection(manifest, collection, cache, self.fewshot, seed, progress)
-        record = {"collection": collection.as_dict(), **trained.counts()}
+        record = {"collection": collection.as_dict(), **trained.record()}
         files = {MODEL_FILE: trained.model.save, CURVE_FILE: lambda path: trained.curve.to_csv(path, index=False)}
         return WithinVolumePrepared(replace(self, model=trained.model), trained.train_seconds, record, files)
 

@@ -30,6 +30,16 @@ def check_keys(raw: Any, allowed: typing.Iterable[str], where: str, error: type[
     return raw
 
 
+def check_variant_keys(per_variant: dict[str, Any], variants: typing.Iterable[str], key: str, where: str) -> None:
+    """A ``{variant: [...]}`` setting (``variant_seeds``, ``variant_steps``) may name only planned variants."""
+    variants = list(variants)
+    unplanned = [name for name in per_variant if name not in variants]
+    if unplanned:
+        raise FewsamError(
+            f"{where}: {key} names '{unplanned[0]}', which is not one of the variants ({', '.join(variants) or 'none'})"
+        )
+
+
 def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:

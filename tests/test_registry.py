@@ -154,6 +154,19 @@ def test_a_variant_may_run_its_own_seeds(tmp_path):
         load_profile(broken)
 
 
+def test_a_within_volume_variant_may_run_its_own_steps(tmp_path):
+    section = {"variants": ["nearest_slice", "interpolation"], "steps": [4, 8]}
+    profile = profile_file(tmp_path, within_volume={**section, "variant_steps": {"interpolation": [8]}})
+    planned = [(run.variant, run.shots) for run in load_profile(profile).runs()]
+    assert planned == [("nearest_slice", 4), ("nearest_slice", 8), ("interpolation", 8)]
+    misspelt = profile_file(tmp_path, within_volume={**section, "variant_steps": {"interpolate": [8]}})
+    with pytest.raises(FewsamError, match="variant_steps names 'interpolate', which is not one of the variants"):
+        load_profile(misspelt)
+    too_small = profile_file(tmp_path, within_volume={**section, "variant_steps": {"interpolation": [1]}})
+    with pytest.raises(FewsamError, match=r"within_volume: steps: every step must be at least 2"):
+        load_profile(too_small)
+
+
 def test_a_saved_model_of_the_previous_format_still_loads(mobile_sam, tmp_path):
     decoder = mobile_sam.model.mask_decoder
     old = {

@@ -49,7 +49,7 @@ from ..data.volumes import Volume, grey_slices, load_case, take_slice
 from ..encoders.backbones import resized_shape
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError, lookup
-from ..sections import parse_section, positive_int
+from ..sections import check_variant_keys, parse_section, positive_int
 from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method, settings_hash
 from .location import (
     LocationMap,
@@ -904,12 +904,7 @@ class FewShotSection:
 
     def check_section(self, where: str) -> None:
         parse_section(TrainingSettings, self.training, f"{where}: training")
-        unplanned = [name for name in self.variant_seeds if name not in self.variants]
-        if unplanned:
-            raise FewsamError(
-                f"{where}: variant_seeds names '{unplanned[0]}', which is not one of the variants "
-                f"({', '.join(self.variants) or 'none'})"
-            )
+        check_variant_keys(self.variant_seeds, self.variants, "variant_seeds", where)
 
     def seeds_of(self, variant: str) -> tuple[int, ...]:
         return tuple(self.variant_seeds.get(variant, self.seeds))

@@ -29,6 +29,7 @@ from ..data.manifest import Manifest
 from ..data.volumes import Volume, grey_slices, take_slice, task_voxels_per_slice
 from ..encoders.cache import EmbeddingCache
 from ..errors import FewsamError, lookup
+from ..sections import check_variant_keys
 from .base import CasePrediction, Method, MethodRun, PlannedRun, RunContext, register_method
 from .fewshot import (
     ADAPT_LEARNING_RATE,
@@ -427,12 +428,18 @@ class WithinVolumeSection:
     steps: tuple[int, ...] = STEPS  # k: every k-th slice labelled
     seeds: tuple[int, ...] = (0,)
     training: dict[str, Any] = field(default_factory=dict)  # few-shot methods: changes to their schedule
+    # Steps of the variants named here, instead of ``steps`` (a costly variant may join k by k).
+    variant_steps: dict[str, list[int]] = field(default_factory=dict)
 
     def check_section(self, where: str) -> None:
         for name in self.variants:
             get_within_volume_variant(name)
-        if any(step < 2 for step in self.steps):
-            raise FewsamError(f"{where}steps: every step must be at least 2 (k=1 leaves nothing to segment)")
+        check_variant_keys(self.variant_steps, self.variants, "variant_steps", where)
+        if any(step < 2 for steps in (self.steps, *self.variant_steps.values()) for step in steps):
+            raise FewsamError(f"{where}: steps: every step must be at least 2 (k=1 leaves nothing to segment)")
+
+    def steps_of(self, variant: str) -> tuple[int, ...]:
+        return tuple(self.variant_steps.get(variant, self.steps))
 
 
 class WithinVolumeRun(MethodRun):
@@ -536,7 +543,7 @@ class WithinVolume(Method):
             PlannedRun(self.name, manifest, backbone, variant, seed, profile, step, BUDGET)
             for variant in section.variants
             for backbone in (backbones if self.needs_backbone(variant) else ["none"])
-            for step in section.steps
+            for step in section.steps_of(variant)
             for seed in section.seeds
         ]
 

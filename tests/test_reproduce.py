@@ -342,10 +342,10 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "within_volume",
     }
     assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}
-    assert {run.variant for run in planned("spine_vb3", "within_volume")} == {
-        "nearest_slice",
-        "interpolation",
-        "sam_box_propagated",
+    within_volume = {(run.variant, run.shots) for run in planned("spine_vb3", "within_volume")}
+    baselines = ("nearest_slice", "interpolation", "sam_box_propagated")
+    assert within_volume == {(variant, k) for variant in baselines for k in (4, 8, 16)} | {
+        ("fewshot_adapted_located_augmented_head_weighted", 8)
     }
 
 

@@ -144,13 +144,26 @@ def test_runs_that_differ_only_in_training_steps_never_share_a_folder(tmp_path):
     assert smoke.name != "centred" and smoke.name == get_fewshot_variant("centred").with_schedule(steps=60).name
 
 
-def test_a_variant_may_run_its_own_seeds(tmp_path):
+def test_a_variant_may_run_its_own_seeds_and_shots(tmp_path):
     fewshot = {"backbones": ["mobile_sam"], "variants": ["centred", "located"], "shots": [5], "seeds": [0, 1]}
     profile = profile_file(tmp_path, fewshot={**fewshot, "variant_seeds": {"centred": [0]}})
     planned = [(run.variant, run.seed) for run in load_profile(profile).runs()]
     assert planned == [("centred", 0), ("located", 0), ("located", 1)]
     broken = profile_file(tmp_path, fewshot={**fewshot, "variant_seeds": {"centered": [0]}})
     with pytest.raises(FewsamError, match="variant_seeds names 'centered', which is not one of the variants"):
+        load_profile(broken)
+    fewer_shots = profile_file(tmp_path, fewshot={**fewshot, "shots": [1, 5], "variant_shots": {"located": [5]}})
+    planned = [(run.variant, run.shots, run.seed) for run in load_profile(fewer_shots).runs()]
+    assert planned == [
+        ("centred", 1, 0),
+        ("centred", 1, 1),
+        ("centred", 5, 0),
+        ("centred", 5, 1),
+        ("located", 5, 0),
+        ("located", 5, 1),
+    ]
+    broken = profile_file(tmp_path, fewshot={**fewshot, "variant_shots": {"centered": [5]}})
+    with pytest.raises(FewsamError, match="variant_shots names 'centered', which is not one of the variants"):
         load_profile(broken)
 
 

@@ -899,15 +899,21 @@ class FewShotSection:
     shots: tuple[int, ...] = ()
     seeds: tuple[int, ...] = (0,)
     training: dict[str, Any] = field(default_factory=dict)  # overrides of TrainingSettings
-    # Seeds of the variants named here, instead of ``seeds`` (a costly variant may run fewer).
+    # Seeds (shots) of the variants named here, instead of ``seeds`` (``shots``): a costly variant
+    # may run fewer, or join shot count by shot count.
     variant_seeds: dict[str, list[int]] = field(default_factory=dict)
+    variant_shots: dict[str, list[int]] = field(default_factory=dict)
 
     def check_section(self, where: str) -> None:
         parse_section(TrainingSettings, self.training, f"{where}: training")
         check_variant_keys(self.variant_seeds, self.variants, "variant_seeds", where)
+        check_variant_keys(self.variant_shots, self.variants, "variant_shots", where)
 
     def seeds_of(self, variant: str) -> tuple[int, ...]:
         return tuple(self.variant_seeds.get(variant, self.seeds))
+
+    def shots_of(self, variant: str) -> tuple[int, ...]:
+        return tuple(self.variant_shots.get(variant, self.shots))
 
 
 class FewShotRun(MethodRun):
@@ -983,7 +989,7 @@ class FewShot(Method):
             PlannedRun(self.name, manifest, backbone, variant, seed, profile, shots)
             for backbone in backbones
             for variant in section.variants
-            for shots in section.shots
+            for shots in section.shots_of(variant)
             for seed in section.seeds_of(variant)
         ]
 

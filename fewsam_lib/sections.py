@@ -31,7 +31,8 @@ def check_keys(raw: Any, allowed: typing.Iterable[str], where: str, error: type[
 
 
 def check_variant_keys(per_variant: dict[str, Any], variants: typing.Iterable[str], key: str, where: str) -> None:
-    """A ``{variant: [...]}`` setting (``variant_seeds``, ``variant_steps``) may name only planned variants."""
+    """A ``{variant: [...]}`` setting (``variant_seeds``, ``variant_shots``, ``variant_steps``) may name
+    only planned variants."""
     variants = list(variants)
     unplanned = [name for name in per_variant if name not in variants]
     if unplanned:

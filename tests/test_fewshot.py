@@ -236,6 +236,19 @@ def test_a_stored_collection_model_is_reused_only_for_the_same_inputs(hippocampu
     assert train().reused  # the damaged entry was replaced by a readable one
 
 
+def test_a_model_that_cannot_be_stored_is_still_returned(hippocampus, train_table, monkeypatch, caplog):
+    def disk_full(self, trained):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CollectionModelStore, "save", disk_full)
+    cache = EmbeddingCache("mobile_sam")
+    shutil.rmtree(CollectionModelStore(cache).folder, ignore_errors=True)
+    variant = get_fewshot_variant("centred").with_schedule(steps=1)
+    with caplog.at_level("WARNING"):
+        trained = train_on_collection(hippocampus, draw_collection(hippocampus, 2, 0, train_table), cache, variant, 0)
+    assert not trained.reused and len(trained.curve) == 1 and "No space left on device" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def smoke_case(hippocampus):
     """The slices the smoke profile scores of its test case, with real mobile_sam embeddings."""

@@ -885,7 +885,10 @@ def train_on_collection(
     seconds = time.perf_counter() - started
     augmented = None if twins is None else len(twins[1])
     trained = CollectionModel(model, curve, len(collection.slices), augmented, seconds, seconds, key)
-    store.save(trained)
+    try:
+        store.save(trained)
+    except OSError as error:  # a full or read-only disk costs the next run a retraining, not this run
+        log.warning("could not store the trained collection model in %s (%s)", store.folder, error)
     return trained
 
 

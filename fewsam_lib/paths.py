@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +83,13 @@ def check_writable_folder(path: str | Path, what: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FewsamError(f"{what} {path}: {existing} is not writable")
     return path
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON beside ``path`` and rename it into place: never a half-written file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    partial.replace(path)
 
 
 def portable(path: str | Path) -> str:

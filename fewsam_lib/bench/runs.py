@@ -162,12 +162,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    partial.replace(path)
-
-
 COMPLETE_STAMP = ".complete"
 
 
@@ -201,7 +195,7 @@ class RunWriter:
             "environment": environment(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json(self.folder / "run.json", self.meta)
+        paths.write_json(self.folder / "run.json", self.meta)
 
     def record_extent(self, case_id: str, extent: range, depth: int) -> None:
         """Note in run.json (``scored_slices``: [start, stop)) when a profile limited a case to a slab."""
@@ -225,7 +219,7 @@ class RunWriter:
         self.meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.meta["rows"] = len(frame)
         self.meta["status"] = "complete"  # a run is complete only once this lands
-        _write_json(self.folder / "run.json", self.meta)
+        paths.write_json(self.folder / "run.json", self.meta)
         mark_complete(self.folder)
         return self.folder
 

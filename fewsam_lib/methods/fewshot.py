@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, Sam
 from tqdm import tqdm
 
+from .. import paths
 from ..data.augmentation import SupportAugmentation, augment_support
 from ..data.collection import Collection, draw_collection
 from ..data.manifest import Manifest
@@ -845,9 +846,7 @@ class CollectionModelStore:
             "augmented_slices": trained.augmented_slices,
             "trained_seconds": trained.trained_seconds,
         }
-        partial = record_path.with_name(f".{record_path.name}.partial")
-        partial.write_text(json.dumps(record))
-        partial.replace(record_path)
+        paths.write_json(record_path, record)
 
 
 def train_on_collection(

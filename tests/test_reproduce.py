@@ -333,6 +333,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "fewshot",
     }
     assert [(run.backbone, run.variant, run.shots) for run in planned("chest_xray", "fewshot")] == [
+        ("mobile_sam", "centred", 5),
         ("mobile_sam", "centred", 20),
         ("mobile_sam", "located_augmented_head_weighted", 1),
         ("mobile_sam", "located_augmented_head_weighted", 5),
@@ -345,9 +346,8 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}
     within_volume = {(run.variant, run.shots) for run in planned("spine_vb3", "within_volume")}
     baselines = ("nearest_slice", "interpolation", "sam_box_propagated")
-    assert within_volume == {(variant, k) for variant in baselines for k in (4, 8, 16)} | {
-        ("fewshot_adapted_located_augmented_head_weighted", 8)
-    }
+    adapted = "fewshot_adapted_located_augmented_head_weighted"
+    assert within_volume == {(variant, k) for variant in (*baselines, adapted) for k in (4, 8, 16)}
 
 
 def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_dataset():

@@ -481,10 +481,11 @@ def within_volume_verdicts(table: pd.DataFrame) -> list[str]:
             sentences.append(f"{dataset} · {task} · k={k}: no few-shot run to compare yet")
             continue
         best, rival = few.loc[few.slice_dice.idxmax()], baselines.loc[baselines.slice_dice.idxmax()]
-        verb = "beats" if best.slice_dice > rival.slice_dice else "does not beat"
+        # compared as printed, so that a verdict never says "beats" between two equal numbers
+        ours, theirs = round(best.slice_dice, 3), round(rival.slice_dice, 3)
+        verb = "beats" if ours > theirs else "is level with (does not beat)" if ours == theirs else "does not beat"
         sentences.append(
-            f"{dataset} · {task} · k={k}: {best.label} ({best.backbone}) {best.slice_dice:.3f} {verb} "
-            f"{rival.label} {rival.slice_dice:.3f}"
+            f"{dataset} · {task} · k={k}: {best.label} ({best.backbone}) {ours:.3f} {verb} {rival.label} {theirs:.3f}"
         )
     return sentences
 

@@ -165,6 +165,15 @@ def test_a_variant_may_run_its_own_seeds_and_shots(tmp_path):
     broken = profile_file(tmp_path, fewshot={**fewshot, "variant_shots": {"centered": [5]}})
     with pytest.raises(FewsamError, match="variant_shots names 'centered', which is not one of the variants"):
         load_profile(broken)
+    # a later seed joins shot count by shot count
+    seed_joining = profile_file(
+        tmp_path, fewshot={**fewshot, "shots": [1, 5], "variant_seeds": {"centred": [0]}, "seed_shots": {1: [1]}}
+    )
+    planned = [(run.variant, run.shots, run.seed) for run in load_profile(seed_joining).runs()]
+    assert planned == [("centred", 1, 0), ("centred", 5, 0), ("located", 1, 0), ("located", 1, 1), ("located", 5, 0)]
+    broken = profile_file(tmp_path, fewshot={**fewshot, "seed_shots": {2: [5]}})
+    with pytest.raises(FewsamError, match="seed_shots names seed 2, which no variant runs"):
+        load_profile(broken)
 
 
 def test_a_within_volume_variant_may_run_its_own_steps(tmp_path):

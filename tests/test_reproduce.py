@@ -333,6 +333,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "fewshot",
     }
     assert [(run.backbone, run.variant, run.shots) for run in planned("chest_xray", "fewshot")] == [
+        ("mobile_sam", "centred", 1),
         ("mobile_sam", "centred", 5),
         ("mobile_sam", "centred", 20),
         ("mobile_sam", "located_augmented_head_weighted", 1),

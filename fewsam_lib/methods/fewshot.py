@@ -905,17 +905,27 @@ class FewShotSection:
     # may run fewer, or join shot count by shot count.
     variant_seeds: dict[str, list[int]] = field(default_factory=dict)
     variant_shots: dict[str, list[int]] = field(default_factory=dict)
+    # Shot counts of the seeds named here, among their variant's: a later seed (a new collection)
+    # may join shot count by shot count.
+    seed_shots: dict[int, list[int]] = field(default_factory=dict)
 
     def check_section(self, where: str) -> None:
         parse_section(TrainingSettings, self.training, f"{where}: training")
         check_variant_keys(self.variant_seeds, self.variants, "variant_seeds", where)
         check_variant_keys(self.variant_shots, self.variants, "variant_shots", where)
+        planned_seeds = {seed for variant in self.variants for seed in self.seeds_of(variant)}
+        unplanned = [seed for seed in self.seed_shots if seed not in planned_seeds]
+        if unplanned:
+            raise FewsamError(f"{where}: seed_shots names seed {unplanned[0]}, which no variant runs")
 
     def seeds_of(self, variant: str) -> tuple[int, ...]:
         return tuple(self.variant_seeds.get(variant, self.seeds))
 
-    def shots_of(self, variant: str) -> tuple[int, ...]:
-        return tuple(self.variant_shots.get(variant, self.shots))
+    def shots_of(self, variant: str, seed: int | None = None) -> tuple[int, ...]:
+        shots = self.variant_shots.get(variant, self.shots)
+        if seed in self.seed_shots:
+            shots = [count for count in shots if count in self.seed_shots[seed]]
+        return tuple(shots)
 
 
 class FewShotRun(MethodRun):
@@ -993,6 +1003,7 @@ class FewShot(Method):
             for variant in section.variants
             for shots in section.shots_of(variant)
             for seed in section.seeds_of(variant)
+            if shots in section.shots_of(variant, seed)
         ]
 
     def variant_names(self) -> list[str]:

@@ -342,8 +342,12 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     ]
     assert {run.method for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {
         "sam_prompting",
+        "fewshot",
         "within_volume",
     }
+    assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("spine_vb3", "fewshot")] == [
+        ("mobile_sam", "located_augmented_head_weighted", 20, 0)
+    ]
     assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}
     within_volume = {(run.variant, run.shots) for run in planned("spine_vb3", "within_volume")}
     baselines = ("nearest_slice", "interpolation", "sam_box_propagated")

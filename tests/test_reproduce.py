@@ -332,13 +332,14 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "sam_prompting",
         "fewshot",
     }
-    assert [(run.backbone, run.variant, run.shots) for run in planned("chest_xray", "fewshot")] == [
-        ("mobile_sam", "centred", 1),
-        ("mobile_sam", "centred", 5),
-        ("mobile_sam", "centred", 20),
-        ("mobile_sam", "located_augmented_head_weighted", 1),
-        ("mobile_sam", "located_augmented_head_weighted", 5),
-        ("mobile_sam", "located_augmented_head_weighted", 20),
+    assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("chest_xray", "fewshot")] == [
+        ("mobile_sam", "centred", 1, 0),
+        ("mobile_sam", "centred", 5, 0),
+        ("mobile_sam", "centred", 20, 0),
+        ("mobile_sam", "located_augmented_head_weighted", 1, 0),
+        ("mobile_sam", "located_augmented_head_weighted", 5, 0),
+        ("mobile_sam", "located_augmented_head_weighted", 5, 1),
+        ("mobile_sam", "located_augmented_head_weighted", 20, 0),
     ]
     assert {run.method for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {
         "sam_prompting",
@@ -346,7 +347,8 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "within_volume",
     }
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("spine_vb3", "fewshot")] == [
-        ("mobile_sam", "located_augmented_head_weighted", 20, 0)
+        ("mobile_sam", "centred", 20, 0),
+        ("mobile_sam", "located_augmented_head_weighted", 20, 0),
     ]
     assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}
     within_volume = {(run.variant, run.shots) for run in planned("spine_vb3", "within_volume")}

@@ -341,6 +341,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         ("mobile_sam", "located_augmented_head_weighted", 5, 0),
         ("mobile_sam", "located_augmented_head_weighted", 5, 1),
         ("mobile_sam", "located_augmented_head_weighted", 20, 0),
+        ("mobile_sam", "located_augmented_head_weighted", 20, 1),
     ]
     assert {run.method for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {
         "sam_prompting",

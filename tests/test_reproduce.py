@@ -331,7 +331,11 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     assert {run.method for run in cpu_runs if run.manifest.endswith("chest_xray.yaml")} == {
         "sam_prompting",
         "fewshot",
+        "nnunet",
     }
+    assert [(run.variant, run.budget) for run in planned("chest_xray", "nnunet")] == [
+        ("2d-nnUNetTrainer_fewsam5epochs", "full")
+    ]
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("chest_xray", "fewshot")] == [
         ("mobile_sam", "centred", 1, 0),
         ("mobile_sam", "centred", 5, 0),

@@ -382,6 +382,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
         return {(Path(run.manifest).stem, run.budget, run.variant) for run in profile.runs() if run.method == "nnunet"}
 
     assert nnunet_cells(load_profile("cpu")) == {
+        ("chest_xray", "full", "2d-nnUNetTrainer_fewsam5epochs"),
         ("msd_hippocampus", "full", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsamCpuPlateau30"),
         ("msd_hippocampus", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch32"),

@@ -269,6 +269,24 @@ def test_the_cpu_trainers_run_five_epochs_with_a_checkpoint_after_each_and_cap_t
     assert build_trainer(nnUNetTrainer_fewsam5epochsBatch13, plans, dataset_json).batch_size == 13
 
 
+def test_the_no_mirroring_trainer_keeps_the_five_epoch_schedule_and_mirrors_neither_in_training_nor_at_test(
+    smoke_plans,
+):
+    from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import (
+        nnUNetTrainer_fewsam5epochs,
+        nnUNetTrainer_fewsam5epochsNoMirroring,
+    )
+
+    plans, dataset_json = smoke_plans
+    mirrored = build_trainer(nnUNetTrainer_fewsam5epochs, plans, dataset_json)
+    assert mirrored.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] == (0, 1)
+    assert mirrored.inference_allowed_mirroring_axes == (0, 1)
+    trainer = build_trainer(nnUNetTrainer_fewsam5epochsNoMirroring, plans, dataset_json)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)
+    assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] is None
+    assert trainer.inference_allowed_mirroring_axes is None  # saved in the checkpoint: no mirroring at test
+
+
 def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(smoke_plans, tmp_path, monkeypatch):
     import torch
 

@@ -12,6 +12,9 @@ import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+    nnUNetTrainerNoMirroring,
+)
 
 
 class _TrainedOnFoldAll(nnUNetTrainer):
@@ -59,6 +62,14 @@ class nnUNetTrainer_fewsam5epochs(_TrainedOnFoldAll):
     epoch, so an interrupted run resumes (``nnUNetv2_train --c``) instead of starting over."""
 
     schedule = {"num_epochs": 5, "save_every": 1}
+
+
+class nnUNetTrainer_fewsam5epochsNoMirroring(nnUNetTrainer_fewsam5epochs, nnUNetTrainerNoMirroring):
+    """``nnUNetTrainer_fewsam5epochs`` without mirroring, in training and at test time (nnunetv2's
+    ``nnUNetTrainerNoMirroring``): for labels that are a left and a right of one organ, which a
+    mirrored image swaps. nnU-Net's authors advise it for such left/right mix-ups (MIC-DKFZ/nnUNet
+    issues 80 and 869); a short schedule has no time to learn the side from other anatomy
+    (docs/protocol.md)."""
 
 
 class nnUNetTrainer_fewsam5epochsBatch32(nnUNetTrainer_fewsam5epochs):

@@ -356,6 +356,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "within_volume",
     }
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("spine_vb3", "fewshot")] == [
+        ("mobile_sam", "centred", 1, 0),
         ("mobile_sam", "centred", 5, 0),
         ("mobile_sam", "centred", 20, 0),
         ("mobile_sam", "located_augmented_head_weighted", 1, 0),

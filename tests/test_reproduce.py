@@ -334,7 +334,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "nnunet",
     }
     assert [(run.variant, run.budget) for run in planned("chest_xray", "nnunet")] == [
-        ("2d-nnUNetTrainer_fewsam5epochs", "full")
+        ("2d-nnUNetTrainer_fewsam5epochsNoMirroring", "full")
     ]
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("chest_xray", "fewshot")] == [
         ("mobile_sam", "centred", 1, 0),
@@ -386,7 +386,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
         return {(Path(run.manifest).stem, run.budget, run.variant) for run in profile.runs() if run.method == "nnunet"}
 
     assert nnunet_cells(load_profile("cpu")) == {
-        ("chest_xray", "full", "2d-nnUNetTrainer_fewsam5epochs"),
+        ("chest_xray", "full", "2d-nnUNetTrainer_fewsam5epochsNoMirroring"),
         ("msd_hippocampus", "full", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsamCpuPlateau30"),
         ("msd_hippocampus", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch32"),

@@ -258,13 +258,13 @@ def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(t
         for folder in sorted((committed / "runs").glob("*/nnunet/*_cpu"))
         if json.loads((folder / "run.json").read_text()).get("label_budget", {}).get("name", "").startswith("slices")
     ]
-    assert {folder.parts[-3] for folder in matched} == {"msd_hippocampus", "openkbp_hn_ct"}  # committed cpu runs
+    assert {folder.parts[-3] for folder in matched} == {"chest_xray", "msd_hippocampus", "openkbp_hn_ct"}  # committed
     for folder in matched:
         shutil.copytree(folder, tmp_path / folder.relative_to(committed))
     figure = label_efficiency_figure(summarize(tmp_path), run_index(tmp_path))
     assert [text.get_text() for text in figure.legends[0].texts] == ["nnU-Net matched budget (2d)"]
     ticks = {tick.get_text() for ax in figure.axes for tick in ax.get_xticklabels()}
-    assert {"42", "158"} <= ticks  # the slice counts moved from the legend to each point's tick
+    assert {"42", "54", "158"} <= ticks  # the slice counts moved from the legend to each point's tick
 
 
 def test_headline_calls_equal_printed_scores_level_rather_than_below():
@@ -334,7 +334,8 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         "nnunet",
     }
     assert [(run.variant, run.budget) for run in planned("chest_xray", "nnunet")] == [
-        ("2d-nnUNetTrainer_fewsam5epochsNoMirroring", "full")
+        ("2d-nnUNetTrainer_fewsam5epochsNoMirroring", "full"),
+        ("2d-nnUNetTrainer_fewsam5epochsNoMirroring", "matched"),
     ]
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("chest_xray", "fewshot")] == [
         ("mobile_sam", "centred", 1, 0),
@@ -387,6 +388,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
 
     assert nnunet_cells(load_profile("cpu")) == {
         ("chest_xray", "full", "2d-nnUNetTrainer_fewsam5epochsNoMirroring"),
+        ("chest_xray", "matched", "2d-nnUNetTrainer_fewsam5epochsNoMirroring"),
         ("msd_hippocampus", "full", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsamCpuPlateau30"),
         ("msd_hippocampus", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch32"),

@@ -31,7 +31,7 @@ from fewsam_lib.methods.base import (
     unregister_method,
 )
 from fewsam_lib.methods.fewshot import FewShotModel, get_fewshot_variant
-from fewsam_lib.report.benchmark import check_one_encoder_path, main_table, method_label, run_index
+from fewsam_lib.report.benchmark import check_one_encoder_path, main_table, method_label
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def test_a_method_registered_in_a_test_runs_end_to_end(empty_method, tmp_path, c
     summary = summarize(results)
     assert set(summary.method) == {"empty_mask"}
     assert method_label("empty_mask", "nothing", None) == "empty mask"
-    assert set(main_table(summary, run_index(results)).label) == {"empty mask"}
+    assert set(main_table(summary).label) == {"empty mask"}
 
 
 def test_runs_that_differ_only_in_training_steps_never_share_a_folder(tmp_path):

@@ -24,6 +24,7 @@ from fewsam_lib.report.benchmark import (
     _compared,
     headline_sentences,
     label_efficiency_figure,
+    main_table,
     nnunet_schedule_table,
     readable_log_ticks,
     replace_block,
@@ -267,12 +268,32 @@ def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(t
     assert {"42", "54", "158"} <= ticks  # the slice counts moved from the legend to each point's tick
 
 
+def test_two_budgets_of_one_slice_count_stay_apart(tmp_path):
+    # Of 2D images, a matched and a same-slices budget both hold one labelled slice per image.
+    committed = Path(__file__).resolve().parents[1] / "results"
+    runs = sorted((committed / "runs" / "chest_xray" / "nnunet").glob("*NoMirroring_*54_seed0_cpu"))
+    assert len(runs) == 2  # committed: matched (shots54) and same_slices (sameslices54)
+    for folder in runs:
+        shutil.copytree(folder, tmp_path / folder.relative_to(committed))
+    iou = summarize(tmp_path).query("level == 'slice' and metric == 'iou' and task == 'Airways'")
+    expected = {
+        ("same_slices" if "sameslices" in folder.name else "matched"): pd.read_csv(folder / "metrics.csv")
+        .query("level == 'slice' and task == 'Airways'")
+        .iou.mean()
+        for folder in runs
+    }
+    assert dict(zip(iou.label_budget, iou["mean"])) == pytest.approx(expected)
+    assert expected["matched"] != pytest.approx(expected["same_slices"])  # pooled, the rows would agree
+    labels = main_table(summary=summarize(tmp_path)).label
+    assert {"nnU-Net matched budget (54 slices, 2d)", "nnU-Net same slices (54 slices, 2d)"} <= set(labels)
+
+
 def test_headline_calls_equal_printed_scores_level_rather_than_below():
     assert _compared(0.0, 0.0004) == "level with"  # both print as 0.000
     assert _compared(0.4164, 0.4156) == "level with" and _compared(0.417, 0.416) == "0.001 IoU above"
     committed = Path(__file__).resolve().parents[1] / "results"
     summary = pd.read_csv(committed / "tables" / "summary.csv")
-    sentences = headline_sentences(summary[summary.profile == "cpu"], run_index(committed, "cpu"))
+    sentences = headline_sentences(summary[summary.profile == "cpu"])
     brainstem = next(s for s in sentences if s.startswith("openkbp_hn_ct · Brainstem · mobile_sam"))
     assert "few-shot `located_augmented_head_weighted` (20 shots" in brainstem  # the default variant's row
     assert brainstem in (committed / "tables" / "headline.md").read_text()  # as the report wrote it
@@ -336,6 +357,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     assert [(run.variant, run.budget) for run in planned("chest_xray", "nnunet")] == [
         ("2d-nnUNetTrainer_fewsam5epochsNoMirroring", "full"),
         ("2d-nnUNetTrainer_fewsam5epochsNoMirroring", "matched"),
+        ("2d-nnUNetTrainer_fewsam5epochsNoMirroring", "same_slices"),
     ]
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("chest_xray", "fewshot")] == [
         ("mobile_sam", "centred", 1, 0),
@@ -389,6 +411,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
     assert nnunet_cells(load_profile("cpu")) == {
         ("chest_xray", "full", "2d-nnUNetTrainer_fewsam5epochsNoMirroring"),
         ("chest_xray", "matched", "2d-nnUNetTrainer_fewsam5epochsNoMirroring"),
+        ("chest_xray", "same_slices", "2d-nnUNetTrainer_fewsam5epochsNoMirroring"),
         ("msd_hippocampus", "full", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("msd_hippocampus", "matched", "2d-nnUNetTrainer_fewsamCpuPlateau30"),
         ("msd_hippocampus", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch32"),

@@ -70,6 +70,7 @@ GROUP_COLUMNS = [
     "backbone",
     "encoder_path",
     "shots",
+    "label_budget",
     "profile",
     "level",
     "slice_selection",
@@ -254,13 +255,14 @@ def collect_metrics(results_dir: str | Path, strict: bool = False) -> pd.DataFra
         except IncompleteRun as error:
             incomplete.append(str(error))
             continue
-        frames.append(metrics.assign(encoder_path=encoder_path_of(meta)))
+        frames.append(metrics.assign(encoder_path=encoder_path_of(meta), label_budget=label_budget_of(meta)))
     if incomplete:
         message = "incomplete runs: " + "; ".join(incomplete)
         if strict:
             raise IncompleteRun(message)
         warnings.warn(message + " (skipped)", stacklevel=2)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*METRIC_COLUMNS, "encoder_path"])
+    empty = pd.DataFrame(columns=[*METRIC_COLUMNS, "encoder_path", "label_budget"])
+    return pd.concat(frames, ignore_index=True) if frames else empty
 
 
 def encoder_path_of(meta: dict[str, Any]) -> str:
@@ -268,6 +270,16 @@ def encoder_path_of(meta: dict[str, Any]) -> str:
     if meta.get("backbone") in (None, "none"):
         return ""
     return meta.get("encoder_path") or RECORDED_BEFORE_PATHS
+
+
+def label_budget_of(meta: dict[str, Any]) -> str:
+    """The kind of label budget a supervised run trained on: "full", "matched" or "same_slices"
+    ("" for the other methods). On 2D images a matched and a same-slices budget hold the same number
+    of labelled slices, so the count alone would pool them into one summary row."""
+    name = meta.get("label_budget", {}).get("name", "")
+    if not name:
+        return ""
+    return "full" if name == "full" else "same_slices" if name.startswith("sameslices") else "matched"
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, resamples: int = 2000) -> tuple[float, float]:
@@ -296,9 +308,11 @@ def summarize(results_dir: str | Path | None = None, strict: bool = False, seed:
             for metric in METRICS:
                 values = group[metric].dropna().to_numpy(dtype=float)
                 # One generator per row, so an interval does not depend on which other runs exist
-                # (seeded without the encoder path, as before paths were recorded).
+                # (seeded without the encoder path, and without an empty label budget, as before
+                # they were recorded).
                 named = dict(zip(GROUP_COLUMNS, keys))
-                seeded_by = tuple(value for column, value in named.items() if column != "encoder_path")
+                unseeded = {"encoder_path", *(["label_budget"] if named["label_budget"] == "" else [])}
+                seeded_by = tuple(value for column, value in named.items() if column not in unseeded)
                 row_key = zlib.crc32(repr((seeded_by, metric)).encode())
                 low, high = bootstrap_ci(values, np.random.default_rng([seed, row_key]))
                 rows.append(
@@ -335,7 +349,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}] (n={r['n']})", axis=1
     )
     for (dataset, level, selection), part in shown.groupby(["dataset", "level", "slice_selection"], sort=True):
-        index = ["task", "backbone", "encoder_path", "method", "variant", "shots", "profile", "metric"]
+        index = ["task", "backbone", "encoder_path", "method", "variant", "shots", "label_budget", "profile", "metric"]
         table = part.set_index(index)["value"]
         table = table.unstack("metric").reset_index().replace({"shots": {"": "–"}})
         lines += [

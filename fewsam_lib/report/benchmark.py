@@ -115,41 +115,19 @@ def _references(frame: pd.DataFrame) -> pd.DataFrame:
     return prompted[keep]
 
 
-def _budgets(index: pd.DataFrame) -> dict[tuple, str]:
-    supervised = index[index.role == "supervised"]
-
-    def kind(budget: str | None) -> str:  # seeds of one budget differ in name only
-        return re.sub(r"[0-9]+", "", budget or "")
-
-    budgets: dict[tuple, str] = {}
-    for r in supervised.itertuples():
-        key = (r.dataset, r.method, r.variant, int(r.shots))
-        if kind(budgets.setdefault(key, r.budget)) != kind(r.budget):
-            # Their metric rows share every key: the summary would pool two budgets into one row.
-            raise FewsamError(
-                f"{r.dataset}: {r.method} budgets {budgets[key]} and {r.budget} both hold {int(r.shots)} "
-                f"labelled slices with {r.variant}; give one of them another trainer"
-            )
-    return budgets
-
-
-def labelled_summary(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+def labelled_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary's rows with a readable method label and their sort order."""
-    budgets = _budgets(index)
     frame = with_roles(summary)
     frame["shots"] = frame["shots"].map(lambda v: "" if pd.isna(v) or v == "" else str(int(float(v))))
-    frame["budget"] = [
-        budgets.get((r.dataset, r.method, r.variant, int(r.shots))) if r.role == "supervised" else None
-        for r in frame.itertuples()
-    ]
+    frame["budget"] = [r.label_budget if r.role == "supervised" else None for r in frame.itertuples()]
     frame["label"] = [method_label(r.method, r.variant, r.shots or None, r.budget) for r in frame.itertuples()]
     frame["order"] = frame.apply(_method_order, axis=1)
     return frame.sort_values(["dataset", "level", "task", "order", "backbone"]).reset_index(drop=True)
 
 
-def main_table(summary: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+def main_table(summary: pd.DataFrame) -> pd.DataFrame:
     """IoU and Dice per dataset, level, task and method (one row per cell of the paper-like table)."""
-    frame = labelled_summary(summary[summary.metric.isin(["iou", "dice"])], index)
+    frame = labelled_summary(summary[summary.metric.isin(["iou", "dice"])])
     table = frame.pivot_table(
         index=["dataset", "level", "task", "order", "label", "backbone"],
         columns="metric",
@@ -180,7 +158,7 @@ def main_table_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ablation_table(summary: pd.DataFrame, index: pd.DataFrame, profiles: list[str]) -> pd.DataFrame:
+def ablation_table(summary: pd.DataFrame, profiles: list[str]) -> pd.DataFrame:
     """Few-shot variants beside the SAM box reference, per dataset, split, task, backbone and shots:
     slice IoU and volume Dice means, validation runs (where variants are chosen) and test runs.
 
@@ -196,7 +174,7 @@ def ablation_table(summary: pd.DataFrame, index: pd.DataFrame, profiles: list[st
     ]
     if wanted.empty:
         return pd.DataFrame(columns=["dataset", "split", "profile", "label", "variant", "backbone", "shots", "task"])
-    frame = labelled_summary(wanted, index)
+    frame = labelled_summary(wanted)
     frame["split"] = frame.profile.map({name: load_profile(name).evaluate_on for name in profiles})
     frame["value"] = frame.level + "_" + frame.metric
     table = frame.pivot_table(
@@ -286,11 +264,11 @@ def shown_fewshot(rows: pd.DataFrame) -> pd.DataFrame:
     return default if len(default) else learnt[learnt.variant == learnt.sort_values("order").variant.iloc[0]]
 
 
-def headline_table(summary: pd.DataFrame, index: pd.DataFrame, backbone: str | None = None) -> str:
+def headline_table(summary: pd.DataFrame, backbone: str | None = None) -> str:
     """The README's compact table: per dataset and task, slice IoU / volume Dice of each prompted
     method's reference variants, few-shot with the most shots (default variant) and each supervised
     label budget, on ``backbone`` (default: the one most few-shot runs used)."""
-    frame = labelled_summary(summary[summary.metric.isin(["iou", "dice"])], index)
+    frame = labelled_summary(summary[summary.metric.isin(["iou", "dice"])])
     fewshot = frame[frame.role == "few_shot"]
     if fewshot.empty:
         return "No few-shot run yet.\n"
@@ -380,7 +358,7 @@ def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.F
     labelled slices of their budgets; SAM one point and box: horizontal references (they need a
     prompt on every test slice instead of training labels).
     """
-    iou = labelled_summary(summary[(summary.metric == "iou") & (summary.level == "slice")], index)
+    iou = labelled_summary(summary[(summary.metric == "iou") & (summary.level == "slice")])
     panels = iou[["dataset", "task"]].drop_duplicates().values.tolist()
     columns = min(len(panels), 3)
     figure, axes = plt.subplots(
@@ -554,10 +532,10 @@ def _cell(summary: pd.DataFrame, **keys) -> pd.Series | None:
     return rows.iloc[0] if len(rows) else None
 
 
-def headline_sentences(summary: pd.DataFrame, index: pd.DataFrame) -> list[str]:
+def headline_sentences(summary: pd.DataFrame) -> list[str]:
     """Per dataset, task and backbone: few-shot (most shots) against each prompted reference on the
     same slices (the first also as a relative gain, as the paper states it) and each supervised budget."""
-    iou = labelled_summary(summary[summary.metric == "iou"], index)
+    iou = labelled_summary(summary[summary.metric == "iou"])
     sentences = []
     for (dataset, task), part in iou.groupby(["dataset", "task"], sort=True):
         slices = part[part.level == "slice"]
@@ -844,18 +822,18 @@ def write_report(
     figures.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
 
-    table = main_table(summary, index)
+    table = main_table(summary)
     table.to_csv(tables / "main_table.csv", index=False, float_format="%.4f")
     (tables / "main_table.md").write_text(main_table_markdown(table))
-    headline = "\n".join(f"- {sentence}" for sentence in headline_sentences(summary, index)) + "\n"
+    headline = "\n".join(f"- {sentence}" for sentence in headline_sentences(summary)) + "\n"
     (tables / "headline.md").write_text(headline)
-    compact = headline_table(summary, index, first_backbone(profile))
+    compact = headline_table(summary, first_backbone(profile))
     (tables / "headline_table.md").write_text(compact)
     costs = cost_table(index)
     costs.to_csv(tables / "cost_table.csv", index=False, float_format="%.3f")
     (tables / "cost_table.md").write_text(cost_table_markdown(costs))
     shown_profiles = sorted({"validation", profile}) if profile is not None else sorted(set(everything.profile))
-    ablation = ablation_table(everything, run_index(results_dir, shown_profiles), shown_profiles)
+    ablation = ablation_table(everything, shown_profiles)
     ablation.to_csv(tables / "ablation.csv", index=False, float_format="%.4f")
     (tables / "ablation.md").write_text(
         ablation_markdown(ablation) + "\n" + ranking_markdown(validation_ranking(ablation))

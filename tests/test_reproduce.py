@@ -384,6 +384,8 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     }
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("spine_vb3", "fewshot")] == [
         ("mobile_sam", "centred", 1, 0),
+        ("mobile_sam", "centred", 1, 1),
+        ("mobile_sam", "centred", 1, 2),
         ("mobile_sam", "centred", 5, 0),
         ("mobile_sam", "centred", 20, 0),
         ("mobile_sam", "located_augmented_head_weighted", 1, 0),

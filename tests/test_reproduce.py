@@ -275,7 +275,8 @@ def test_two_budgets_of_one_slice_count_stay_apart(tmp_path):
     assert len(runs) == 2  # committed: matched (shots54) and same_slices (sameslices54)
     for folder in runs:
         shutil.copytree(folder, tmp_path / folder.relative_to(committed))
-    iou = summarize(tmp_path).query("level == 'slice' and metric == 'iou' and task == 'Airways'")
+    summary = summarize(tmp_path)
+    iou = summary.query("level == 'slice' and metric == 'iou' and task == 'Airways'")
     expected = {
         ("same_slices" if "sameslices" in folder.name else "matched"): pd.read_csv(folder / "metrics.csv")
         .query("level == 'slice' and task == 'Airways'")
@@ -284,7 +285,7 @@ def test_two_budgets_of_one_slice_count_stay_apart(tmp_path):
     }
     assert dict(zip(iou.label_budget, iou["mean"])) == pytest.approx(expected)
     assert expected["matched"] != pytest.approx(expected["same_slices"])  # pooled, the rows would agree
-    labels = main_table(summary=summarize(tmp_path)).label
+    labels = main_table(summary).label
     assert {"nnU-Net matched budget (54 slices, 2d)", "nnU-Net same slices (54 slices, 2d)"} <= set(labels)
 
 

@@ -174,6 +174,25 @@ def test_a_variant_may_run_its_own_seeds_and_shots(tmp_path):
     broken = profile_file(tmp_path, fewshot={**fewshot, "seed_shots": {2: [5]}})
     with pytest.raises(FewsamError, match="seed_shots names seed 2, which no variant runs"):
         load_profile(broken)
+    # one variant's later seed joins while the other variant's is complete
+    one_variant_joining = profile_file(
+        tmp_path, fewshot={**fewshot, "shots": [1, 5], "variant_seed_shots": {"located": {1: [1]}}}
+    )
+    planned = [(run.variant, run.shots, run.seed) for run in load_profile(one_variant_joining).runs()]
+    assert planned == [
+        ("centred", 1, 0),
+        ("centred", 1, 1),
+        ("centred", 5, 0),
+        ("centred", 5, 1),
+        ("located", 1, 0),
+        ("located", 1, 1),
+        ("located", 5, 0),
+    ]
+    broken = profile_file(
+        tmp_path, fewshot={**fewshot, "variant_seeds": {"located": [0]}, "variant_seed_shots": {"located": {1: [5]}}}
+    )
+    with pytest.raises(FewsamError, match="variant_seed_shots names seed 1 of 'located', which it does not run"):
+        load_profile(broken)
 
 
 def test_a_within_volume_variant_may_run_its_own_steps(tmp_path):

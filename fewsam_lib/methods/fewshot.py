@@ -906,25 +906,35 @@ class FewShotSection:
     variant_seeds: dict[str, list[int]] = field(default_factory=dict)
     variant_shots: dict[str, list[int]] = field(default_factory=dict)
     # Shot counts of the seeds named here, among their variant's: a later seed (a new collection)
-    # may join shot count by shot count.
+    # may join shot count by shot count; ``variant_seed_shots`` replaces it for the variants it
+    # names, so that one variant's new seed can join while another's is complete.
     seed_shots: dict[int, list[int]] = field(default_factory=dict)
+    variant_seed_shots: dict[str, dict[int, list[int]]] = field(default_factory=dict)
 
     def check_section(self, where: str) -> None:
         parse_section(TrainingSettings, self.training, f"{where}: training")
         check_variant_keys(self.variant_seeds, self.variants, "variant_seeds", where)
         check_variant_keys(self.variant_shots, self.variants, "variant_shots", where)
+        check_variant_keys(self.variant_seed_shots, self.variants, "variant_seed_shots", where)
         planned_seeds = {seed for variant in self.variants for seed in self.seeds_of(variant)}
         unplanned = [seed for seed in self.seed_shots if seed not in planned_seeds]
         if unplanned:
             raise FewsamError(f"{where}: seed_shots names seed {unplanned[0]}, which no variant runs")
+        for variant, seed_shots in self.variant_seed_shots.items():
+            unplanned = [seed for seed in seed_shots if seed not in self.seeds_of(variant)]
+            if unplanned:
+                raise FewsamError(
+                    f"{where}: variant_seed_shots names seed {unplanned[0]} of '{variant}', which it does not run"
+                )
 
     def seeds_of(self, variant: str) -> tuple[int, ...]:
         return tuple(self.variant_seeds.get(variant, self.seeds))
 
     def shots_of(self, variant: str, seed: int | None = None) -> tuple[int, ...]:
         shots = self.variant_shots.get(variant, self.shots)
-        if seed in self.seed_shots:
-            shots = [count for count in shots if count in self.seed_shots[seed]]
+        seed_shots = self.variant_seed_shots.get(variant, self.seed_shots)
+        if seed in seed_shots:
+            shots = [count for count in shots if count in seed_shots[seed]]
         return tuple(shots)
 
 

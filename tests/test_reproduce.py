@@ -391,8 +391,12 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         ("mobile_sam", "centred", 1, 2),
         ("mobile_sam", "centred", 5, 0),
         ("mobile_sam", "centred", 5, 1),
+        ("mobile_sam", "centred", 5, 2),
         ("mobile_sam", "centred", 20, 0),
+        ("mobile_sam", "centred", 20, 1),
+        ("mobile_sam", "centred", 20, 2),
         ("mobile_sam", "located_augmented_head_weighted", 1, 0),
+        ("mobile_sam", "located_augmented_head_weighted", 1, 1),
         ("mobile_sam", "located_augmented_head_weighted", 5, 0),
         ("mobile_sam", "located_augmented_head_weighted", 20, 0),
     ]

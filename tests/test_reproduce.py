@@ -397,7 +397,9 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         ("mobile_sam", "centred", 20, 2),
         ("mobile_sam", "located_augmented_head_weighted", 1, 0),
         ("mobile_sam", "located_augmented_head_weighted", 1, 1),
+        ("mobile_sam", "located_augmented_head_weighted", 1, 2),
         ("mobile_sam", "located_augmented_head_weighted", 5, 0),
+        ("mobile_sam", "located_augmented_head_weighted", 5, 1),
         ("mobile_sam", "located_augmented_head_weighted", 20, 0),
     ]
     assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}

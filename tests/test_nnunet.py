@@ -274,6 +274,7 @@ def test_the_no_mirroring_trainer_keeps_the_five_epoch_schedule_and_mirrors_neit
 ):
     from fewsam_lib.methods.nnunet_trainers.fewsam_trainers import (
         nnUNetTrainer_fewsam5epochs,
+        nnUNetTrainer_fewsam5epochsBatch13NoMirroring,
         nnUNetTrainer_fewsam5epochsNoMirroring,
     )
 
@@ -285,6 +286,9 @@ def test_the_no_mirroring_trainer_keeps_the_five_epoch_schedule_and_mirrors_neit
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (5, 250, 1)
     assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] is None
     assert trainer.inference_allowed_mirroring_axes is None  # saved in the checkpoint: no mirroring at test
+    spine = build_trainer(nnUNetTrainer_fewsam5epochsBatch13NoMirroring, plans, dataset_json)
+    assert (spine.num_epochs, spine.save_every, spine.inference_allowed_mirroring_axes) == (5, 1, None)
+    assert spine.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] is None
 
 
 def test_a_checkpoint_write_cut_short_leaves_the_last_checkpoint_in_place(smoke_plans, tmp_path, monkeypatch):

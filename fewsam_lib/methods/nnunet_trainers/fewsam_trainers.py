@@ -97,6 +97,12 @@ class nnUNetTrainer_fewsam5epochsBatch13(nnUNetTrainer_fewsam5epochsBatch32):
     max_batch_size = 13
 
 
+class nnUNetTrainer_fewsam5epochsBatch13NoMirroring(nnUNetTrainer_fewsam5epochsBatch13, nnUNetTrainerNoMirroring):
+    """``nnUNetTrainer_fewsam5epochsBatch13`` without mirroring, in training and at test time: for
+    labels told apart by their order along an axis of nnU-Net's plane, which a mirrored image
+    reverses (the spine's L1 to L5 along its superior-inferior axis; docs/protocol.md)."""
+
+
 class _Bf16OnCpu(_TrainedOnFoldAll):
     """The network's forward pass under bf16 autocast on a CPU (nnunetv2 enables mixed precision on
     CUDA only). Outputs come back as fp32, so nnU-Net's losses, its data pipeline and planning are

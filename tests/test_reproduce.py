@@ -403,6 +403,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
         ("mobile_sam", "located_augmented_head_weighted", 5, 2),
         ("mobile_sam", "located_augmented_head_weighted", 20, 0),
         ("mobile_sam", "located_augmented_head_weighted", 20, 1),
+        ("mobile_sam", "located_augmented_head_weighted", 20, 2),
     ]
     assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}
     within_volume = {(run.variant, run.shots) for run in planned("spine_vb3", "within_volume")}

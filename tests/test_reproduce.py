@@ -383,6 +383,7 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     assert {run.method for run in cpu_runs if run.manifest.endswith("spine_vb3.yaml")} == {
         "sam_prompting",
         "fewshot",
+        "nnunet",
         "within_volume",
     }
     assert [(run.backbone, run.variant, run.shots, run.seed) for run in planned("spine_vb3", "fewshot")] == [
@@ -436,6 +437,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
         ("msd_hippocampus", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("openkbp_hn_ct", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13"),
         ("openkbp_hn_ct", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
+        ("spine_vb3", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13NoMirroring"),
     }
     one_budget_listed = dict(
         load_profile("cpu").raw,

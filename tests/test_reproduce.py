@@ -439,6 +439,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
         ("openkbp_hn_ct", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("spine_vb3", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13NoMirroring"),
         ("spine_vb3", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch13NoMirroring"),
+        ("spine_vb3", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch13NoMirroring"),
     }
     one_budget_listed = dict(
         load_profile("cpu").raw,

@@ -259,13 +259,14 @@ def test_label_efficiency_legend_names_each_nnunet_budget_once_across_datasets(t
         for folder in sorted((committed / "runs").glob("*/nnunet/*_cpu"))
         if json.loads((folder / "run.json").read_text()).get("label_budget", {}).get("name", "").startswith("slices")
     ]
-    assert {folder.parts[-3] for folder in matched} == {"chest_xray", "msd_hippocampus", "openkbp_hn_ct"}  # committed
+    committed_datasets = {"chest_xray", "msd_hippocampus", "openkbp_hn_ct", "spine_vb3"}
+    assert {folder.parts[-3] for folder in matched} == committed_datasets
     for folder in matched:
         shutil.copytree(folder, tmp_path / folder.relative_to(committed))
     figure = label_efficiency_figure(summarize(tmp_path), run_index(tmp_path))
     assert [text.get_text() for text in figure.legends[0].texts] == ["nnU-Net matched budget (2d)"]
     ticks = {tick.get_text() for ax in figure.axes for tick in ax.get_xticklabels()}
-    assert {"42", "54", "158"} <= ticks  # the slice counts moved from the legend to each point's tick
+    assert {"42", "54", "127", "158"} <= ticks  # the slice counts moved from the legend to each point's tick
 
 
 def test_two_budgets_of_one_slice_count_stay_apart(tmp_path):

@@ -44,7 +44,7 @@ SOURCE_CLASSES = {  # structure.csv's Template Name -> task
     "Airways": "Airways",
 }
 STRUCTURE_COLUMNS = ("Template Name", "Filename", "Mask", "Resolution", "Top", "Left", "Width", "Height")
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: dataset.json names each image's patient
 SPLIT_SEED = 0
 TEST_IMAGES = 30  # at least this many test images, drawn patient by patient
 DATASET = "chest_xray"
@@ -280,6 +280,7 @@ def convert_chest_xray(
             version=CONVERTER_VERSION,
             source=source,
             digest=_source_digest(source, images) if case_ids is None else None,
+            patients={image.case_id: image.patient for image in images},
             source_files={image.case_id: image.image.name for image in images},
         )
     return destination

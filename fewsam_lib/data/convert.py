@@ -96,11 +96,14 @@ def write_dataset_files(
     version: int,
     source: Path,
     digest: str | None,
+    patients: dict[str, str] | None = None,
     **extra: object,
 ) -> None:
     """``dataset.json`` (MSD layout: imagesTr/<case>.nii.gz, labelsTr/<case>.nii.gz) and the stamp.
 
     ``digest`` is None for a partial conversion, which therefore never counts as complete.
+    ``patients`` (case id -> patient id, for sources with several images per patient) goes into
+    each ``training`` entry, so that validation cases are carved patient by patient.
     """
     dataset = {
         "name": name,
@@ -109,7 +112,12 @@ def write_dataset_files(
         "modality": {"0": modality},
         "labels": {"0": "background", **{str(k): v for k, v in labels.items()}},
         "training": [
-            {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"} for case_id in case_ids
+            {
+                "image": f"./imagesTr/{case_id}.nii.gz",
+                "label": f"./labelsTr/{case_id}.nii.gz",
+                **({"patient": patients[case_id]} if patients else {}),
+            }
+            for case_id in case_ids
         ],
     }
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")

@@ -42,6 +42,9 @@ class Case:
     case_id: str
     image: Path
     label: Path
+    # Whose images these are, where a dataset holds several per patient (dataset.json's "patient"):
+    # a validation carve then keeps each patient's images on one side.
+    patient: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,25 @@ class Manifest:
     def validation_view(self, fraction: float, seed: int) -> Manifest:
         """The dataset as a validation run sees it: ``fraction`` of the training cases, drawn with
         ``seed``, become its test split and the rest its training split; the real test cases are in
-        neither. Design choices are made on such views; only test-split runs report."""
+        neither. Design choices are made on such views; only test-split runs report. Where the
+        cases name their patients, ``fraction`` of the training patients are drawn, so that no
+        patient has images on both sides."""
         if self.evaluated_split != "test":
             raise ManifestError(f"{self.path}: already a validation view")
         if len(self.split["train"]) < 2:
             raise ManifestError(
                 f"{self.path}: {len(self.split['train'])} training case(s), too few to carve validation"
             )
-        carved = draw_split(list(self.split["train"]), fraction, seed)
+        training = list(self.split["train"])
+        patients = [self.cases[case_id].patient for case_id in training]
+        if None in patients:
+            carved = draw_split(training, fraction, seed)
+        else:
+            drawn = set(draw_split(sorted(set(patients)), fraction, seed)["test"])
+            carved = {
+                "train": sorted(case for case, patient in zip(training, patients) if patient not in drawn),
+                "test": sorted(case for case, patient in zip(training, patients) if patient in drawn),
+            }
         split = {"train": tuple(carved["train"]), "test": tuple(carved["test"])}
         return replace(self, split=split, evaluated_split="validation", extra={**self.extra, "validation_seed": seed})
 
@@ -210,6 +224,7 @@ def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
         raise ManifestError(f"{manifest_path}: 'pairs' must have exactly one of: dataset_json, glob, list")
     ((kind, value),) = spec.items()
     entries: list[tuple[str, Path, Path]] = []
+    patients: dict[str, str] = {}
     if kind == "dataset_json":
         json_path = root / (value or "dataset.json")
         try:
@@ -221,6 +236,8 @@ def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
         for item in training:
             image, label = root / item["image"], root / item["label"]
             entries.append((case_id_from_path(image), image.resolve(), label.resolve()))
+            if item.get("patient") is not None:
+                patients[case_id_from_path(image)] = str(item["patient"])
     elif kind == "glob":
         if not isinstance(value, dict) or "image" not in value or "label" not in value:
             raise ManifestError(
@@ -248,7 +265,7 @@ def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
     for case_id, image, label in sorted(entries):
         if case_id in cases:
             raise ManifestError(f"{manifest_path}: case id '{case_id}' is listed twice")
-        cases[case_id] = Case(case_id, image, label)
+        cases[case_id] = Case(case_id, image, label, patients.get(case_id))
     return cases
 
 

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import scipy.io
+import yaml
 from conftest import CONVERTED_SOURCES, REPO
 from PIL import Image
 
@@ -90,6 +91,38 @@ def test_the_left_lung_is_on_the_images_right_in_a_pa_view(xray_converted, chest
     raw = np.asarray(nib.load(str(chest_xray.case(XRAY_IMAGES[0]).label)).dataobj)
     assert volume.label.shape == (*raw.shape, 1) and chest_xray.slice_axis == 2
     assert np.array_equal(volume.label[:, :, 0], raw)
+
+
+def test_dataset_json_names_each_images_patient_and_validation_keeps_patients_whole(xray_converted, chest_xray):
+    """Several images of one patient (days of one illness) are near copies: a validation case whose
+    patient also trains would flatter the curve that chooses a schedule."""
+    with open(XRAY_SOURCE / "metadata.csv", newline="") as handle:
+        patient_of = {row["filename"]: row["patientid"] for row in csv.DictReader(handle)}
+    images = {image.case_id: image.image.name for image in find_images(XRAY_SOURCE)}
+    converted = load_manifest_over(xray_converted)
+    assert {case: converted.case(case).patient for case in XRAY_IMAGES} == {
+        case: patient_of[images[case]] for case in XRAY_IMAGES
+    }
+    view = chest_xray.validation_view(0.2, 0)
+    patients = {side: {chest_xray.case(case).patient for case in view.split[side]} for side in ("train", "test")}
+    assert patients["train"] and patients["test"] and not patients["train"] & patients["test"]
+    assert set(view.split["train"]) | set(view.split["test"]) == set(chest_xray.split["train"])
+    training_patients = {chest_xray.case(case).patient for case in chest_xray.split["train"]}
+    assert len(patients["test"]) == round(0.2 * len(training_patients))
+    # Drawn by case, some carved images would share a patient with the training side.
+    assert len(training_patients) < len(chest_xray.split["train"])
+
+
+def load_manifest_over(root):
+    """A manifest over a conversion of a few images, as the committed one reads its dataset.json."""
+    manifest = root.parent / "few_xrays.yaml"
+    committed = yaml.safe_load((REPO / "data_manifests" / "chest_xray.yaml").read_text())
+    fields = {
+        key: committed[key] for key in ("dataset", "modality", "pairs", "labels", "image_dimensions", "intensity")
+    }
+    split = {"train": XRAY_IMAGES[:2], "test": XRAY_IMAGES[2:]}
+    manifest.write_text(yaml.safe_dump({**fields, "root": str(root), "split": split}))
+    return load_manifest(manifest)
 
 
 def test_a_2d_prediction_goes_back_as_a_2d_nifti_on_the_images_grid(chest_xray, tmp_path):

@@ -484,16 +484,33 @@ def test_the_search_trainer_ends_nnunets_training_once_its_curve_has_plateaued(m
     assert ended == [True]
 
 
-def test_the_ct_search_trainer_also_ends_before_an_epoch_would_pass_its_time_limit(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "name, hours, mirroring",
+    [
+        ("nnUNetTrainer_fewsamPlateauSearchBatch13", 2.5, True),
+        ("nnUNetTrainer_fewsamPlateauSearchBatch13NoMirroring", 2.5, False),
+    ],
+)
+def test_the_fp32_search_trainers_also_end_before_an_epoch_would_pass_their_time_limit(
+    monkeypatch, tmp_path, name, hours, mirroring
+):
     """Without a plateau, the CT search ends once one more epoch of the mean length so far would take
-    the summed epoch times (nnU-Net's own timestamps, which survive a resume) past 2.5 hours."""
+    the summed epoch times (nnU-Net's own timestamps, which survive a resume) past 2.5 hours; so
+    does the search of the X-rays and the spine, without mirroring."""
     from nnunetv2.training.logging.nnunet_logger import MetaLogger
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+        nnUNetTrainerNoMirroring,
+    )
 
     from fewsam_lib.methods.nnunet_trainers import fewsam_trainers as trainers
 
-    search = trainers.nnUNetTrainer_fewsamPlateauSearchBatch13
-    assert search.training_hours == 2.5 and search.max_batch_size == 13 and not issubclass(search, trainers._Bf16OnCpu)
+    search = getattr(trainers, name)
+    assert (
+        search.training_hours == hours and search.max_batch_size == 13 and not issubclass(search, trainers._Bf16OnCpu)
+    )
+    assert issubclass(search, nnUNetTrainerNoMirroring) is not mirroring
+    minutes = hours * 60 / 15  # 15 epochs of these fill the limit exactly
     monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", lambda self: None)
     trainer = object.__new__(search)
     trainer.print_to_log_file = lambda *args: None
@@ -506,10 +523,10 @@ def test_the_ct_search_trainer_also_ends_before_an_epoch_would_pass_its_time_lim
         trainer.logger.log("ema_fg_dice", 0.05 * index, index)  # still rising: never a plateau
 
     for index in range(14):
-        epoch(index, 10.0)
-    trainer.on_epoch_end()  # 140 min spent: one more of 10 min ends exactly at the limit
-    epoch(14, 10.5)
-    with pytest.raises(trainers._SearchEnded):  # 150.5 min spent
+        epoch(index, minutes)
+    trainer.on_epoch_end()  # one more epoch of the mean length ends exactly at the limit
+    epoch(14, minutes * 1.05)
+    with pytest.raises(trainers._SearchEnded):  # now one more would pass it
         trainer.on_epoch_end()
 
 

@@ -205,15 +205,13 @@ class nnUNetTrainer_fewsamPlateauSearchBatch13(_StopsOnPlateau, nnUNetTrainer_fe
     training_hours = 2.5
 
 
-class nnUNetTrainer_fewsamPlateauSearchBatch13NoMirroring(_StopsOnPlateau, nnUNetTrainer_fewsam5epochsBatch13NoMirroring):
-    """The schedule search for the chest X-rays and the spine: the CT search's epochs (at most 13
-    images, fp32, checkpointed after each) without mirroring, as their ``cpu`` runs train (their
-    labels differ by side or by level). It ends at the plateau or once 1.75 hours of epochs are
-    spent (at most 60 epochs): the sessions this project runs in keep their machine 3 hours, and a
-    search must leave its session time to prepare it and to commit its curve."""
-
-    schedule = {"num_epochs": 60, "save_every": 1}
-    training_hours = 1.75
+class nnUNetTrainer_fewsamPlateauSearchBatch13NoMirroring(
+    nnUNetTrainer_fewsamPlateauSearchBatch13, nnUNetTrainerNoMirroring
+):
+    """The CT search without mirroring, for the chest X-rays and the spine as their ``cpu`` runs
+    train (their labels differ by side or by level): at most 13 images a batch (the X-rays' plan
+    has 3), fp32, a checkpoint after each epoch, until the EMA pseudo-Dice plateaus or 2.5 hours of
+    epochs are spent."""
 
 
 class nnUNetTrainer_fewsamCpuPlateau30(_Bf16OnCpu, nnUNetTrainer_fewsam5epochsBatch32):

@@ -25,7 +25,7 @@ from fewsam_lib.methods.nnunet import (
     nnunet_log_curve,
     same_slices_budget,
 )
-from fewsam_lib.report.benchmark import method_label
+from fewsam_lib.report.benchmark import method_label, schedule_searches
 
 
 def run_nnunet(
@@ -545,6 +545,7 @@ def test_the_hippocampus_cpu_schedule_is_where_the_committed_search_plateaued():
     chosen = trainers.nnUNetTrainer_fewsamCpuPlateau30
     assert chosen.schedule == {"num_epochs": plateau, "save_every": 1} and chosen.max_batch_size == 32
     assert chosen.only_where_native
+    assert schedule_searches("results")["msd_hippocampus"] == "plateau after 30 epochs"  # the report's words
 
 
 @pytest.mark.parametrize("native", [True, False])

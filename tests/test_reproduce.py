@@ -486,7 +486,9 @@ def test_the_nnunet_curve_keeps_nnunets_own_moving_average_and_the_schedule_tabl
             )
         ]
     )
-    row, bf16_row = nnunet_schedule_table(index).to_dict("records")
+    row, bf16_row = nnunet_schedule_table(index, {"msd_hippocampus": "found"}).to_dict("records")
+    assert row["validation search"] == bf16_row["validation search"] == "found"
+    assert nnunet_schedule_table(index).iloc[0]["validation search"] == "none"
     assert (row["epochs"], row["batch"], row["precision"]) == (30, 3, "fp32")
     assert (bf16_row["epochs"], bf16_row["batch"], bf16_row["precision"]) == (5, 32, "bf16")
     # The moving average starts at epoch 0's value and lags: still 0.04 up over the last 6 epochs.

@@ -530,6 +530,25 @@ def test_the_fp32_search_trainers_also_end_before_an_epoch_would_pass_their_time
         trainer.on_epoch_end()
 
 
+def test_the_committed_xray_search_found_no_plateau_and_the_report_says_so():
+    """The X-ray search validated on whole carved patients and ended at its time limit; its own log's
+    curve never meets the plateau rule, and the schedule table's words come from that record."""
+    from fewsam_lib.data.manifest import load_manifest
+    from fewsam_lib.methods.nnunet import plateau_epoch
+
+    folder = next(Path("results/runs/chest_xray/nnunet").glob("*PlateauSearchBatch13NoMirroring_*_schedule"))
+    meta, _ = load_run(folder)
+    training = meta["nnunet_training"]
+    assert meta["parameters"]["fold"] == "0" and meta["data"]["evaluated_split"] == "validation"
+    assert training["plateau_epoch"] is None is plateau_epoch(nnunet_log_curve(folder).ema_pseudo_dice.tolist())
+    epochs = len(training["epoch_seconds"])
+    assert sum(training["epoch_seconds"]) <= 2.5 * 3600 < sum(training["epoch_seconds"]) * (epochs + 1) / epochs
+    assert schedule_searches("results")["chest_xray"] == f"no plateau in {epochs} epochs (2.5 h)"
+    manifest = load_manifest(meta["parameters"]["manifest"])
+    trained = {manifest.case(case).patient for case in manifest.validation_view(0.2, 0).case_ids("train")}
+    assert not trained & {manifest.case(case).patient for case in meta["parameters"]["test_cases"]}
+
+
 def test_the_hippocampus_cpu_schedule_is_where_the_committed_search_plateaued():
     """The chosen trainer's epochs are the plateau the committed schedule search recorded, and that
     plateau follows from the curve in its own log."""

@@ -624,15 +624,17 @@ def cost_table(index: pd.DataFrame) -> pd.DataFrame:
 def schedule_searches(results_dir: str | Path) -> dict[str, str]:
     """Per dataset, what its committed nnU-Net schedule search (profile ``schedule``) found on the
     carved validation cases: the epoch its moving-average pseudo Dice plateaued at, or that it had
-    not within the epochs the search could spend."""
+    not within the epochs the search could spend. A search still running is not read."""
     found = {}
-    searches = run_index(results_dir, "schedule")
-    for run in searches[searches.method == "nnunet"].itertuples():
-        training = json.loads((Path(run.folder) / "run.json").read_text()).get("nnunet_training", {})
+    for folder in run_folders(results_dir):
+        meta = json.loads((folder / "run.json").read_text())
+        if (meta.get("profile"), meta.get("method"), meta.get("status")) != ("schedule", "nnunet", "complete"):
+            continue
+        training = meta.get("nnunet_training", {})
         epochs = len(training.get("epoch_seconds") or [])
         plateau = training.get("plateau_epoch")
         hours = sum(training.get("epoch_seconds") or []) / 3600
-        found[run.dataset] = (
+        found[meta["dataset"]] = (
             f"plateau after {plateau} epochs"
             if plateau is not None
             else f"no plateau in {epochs} epochs ({hours:.1f} h)"

@@ -235,9 +235,10 @@ def _parse_pairs(spec: Any, root: Path, manifest_path: Path) -> dict[str, Case]:
             raise ManifestError(f"{json_path}: not an MSD dataset.json with a 'training' list ({error})") from None
         for item in training:
             image, label = root / item["image"], root / item["label"]
-            entries.append((case_id_from_path(image), image.resolve(), label.resolve()))
+            case_id = case_id_from_path(image)
+            entries.append((case_id, image.resolve(), label.resolve()))
             if item.get("patient") is not None:
-                patients[case_id_from_path(image)] = str(item["patient"])
+                patients[case_id] = str(item["patient"])
     elif kind == "glob":
         if not isinstance(value, dict) or "image" not in value or "label" not in value:
             raise ManifestError(

@@ -631,13 +631,11 @@ def schedule_searches(results_dir: str | Path) -> dict[str, str]:
         if (meta.get("profile"), meta.get("method"), meta.get("status")) != ("schedule", "nnunet", "complete"):
             continue
         training = meta.get("nnunet_training", {})
-        epochs = len(training.get("epoch_seconds") or [])
-        plateau = training.get("plateau_epoch")
-        hours = sum(training.get("epoch_seconds") or []) / 3600
+        seconds, plateau = training.get("epoch_seconds") or [], training.get("plateau_epoch")
         found[meta["dataset"]] = (
             f"plateau after {plateau} epochs"
             if plateau is not None
-            else f"no plateau in {epochs} epochs ({hours:.1f} h)"
+            else f"no plateau in {len(seconds)} epochs ({sum(seconds) / 3600:.1f} h)"
         )
     return found
 

@@ -327,3 +327,74 @@ def test_no_scored_slice_ground_truth_reaches_the_adapted_model(hippocampus, tes
 
     changed = method_run.predict_case(replace(test_volume, label=scrambled), extent)
     assert np.array_equal(changed.labels, true.labels)
+
+
+def test_label_persistence_is_the_overlap_of_consecutive_labelled_masks():
+    label = np.zeros((9, 6, 6), np.uint8)
+    label[0, :2], label[4, :2], label[8, 1:3] = 1, 1, 1  # 12 pixels each; 0 and 4 equal, 4 and 8 half shared
+    support = _inputs(label, [0, 4, 8], step=4).support
+    assert within_volume.label_persistence(support, 1) == pytest.approx((2 * 12 + 2 * 6) / (4 * 12))
+    assert within_volume.label_persistence(support, 2) is None  # on no labelled slice
+
+
+def test_the_neighbour_prior_mixes_the_bracketing_masks_by_distance_and_copies_beyond_the_ends():
+    label = np.zeros((17, 4, 4), np.uint8)
+    label[4, :, :2] = 1
+    label[12, :, 2:] = 1
+    support = _inputs(label, [4, 12], step=8).support
+    prior, distance = within_volume.neighbour_prior(support, 1, 6)  # a quarter of the way from 4 to 12
+    assert distance == 2
+    assert np.allclose(prior[:, :2], 0.75) and np.allclose(prior[:, 2:], 0.25)
+    prior, distance = within_volume.neighbour_prior(support, 1, 15)
+    assert distance == 3 and np.array_equal(prior, label[12].astype(np.float32))
+    prior, distance = within_volume.neighbour_prior(support, 1, 4)
+    assert distance == 0 and np.array_equal(prior, label[4].astype(np.float32))
+
+
+def test_the_blend_follows_the_labelled_neighbours_or_the_model_by_their_measured_quality():
+    label = np.zeros((9, 8, 8), np.uint8)
+    label[:, 2:6, 2:6] = 1  # a task that never changes: its labelled masks persist perfectly
+    support = _inputs(label, [0, 8], step=8).support
+    span = range(1, 8)
+    model_says = np.zeros((len(span), 2, 8, 8), np.float32)
+    model_says[:, 0, :2, :2] = 0.9  # the model puts task 1 elsewhere, and sees no task 2
+    followed = within_volume.blend_with_neighbours(model_says, span, support, [1, 2], {1: 0.2, 2: None}, 2.0)
+    assert all(np.array_equal(followed[i], label[1 + i]) for i in range(len(span)))
+    changing = label.copy()
+    changing[8] = 0
+    changing[8, 6:, 6:] = 1  # the labelled masks share nothing: persistence 0, the model decides
+    support = _inputs(changing, [0, 8], step=8).support
+    trusted = within_volume.blend_with_neighbours(model_says, span, support, [1, 2], {1: 0.8, 2: None}, 2.0)
+    assert all(np.array_equal(trusted[i] == 1, model_says[i, 0] > 0.5) for i in range(len(span)))
+
+
+def test_the_blended_model_sees_no_scored_slice_and_keeps_the_anatomy(hippocampus, test_volume, adapted_run):
+    import copy
+    from dataclasses import fields, replace
+
+    method_run, prepared, extent = adapted_run
+    adapted = prepared.variant
+    kept = {f.name: getattr(adapted, f.name) for f in fields(adapted) if f.name != "copy_distance"}
+    blended_run = copy.copy(method_run)  # the same prepared run, segmenting with the blended variant
+    blended_run.variant = within_volume.FewShotNeighbourBlend(**kept)
+    true = blended_run.predict_case(test_volume, extent)
+    axis = hippocampus.slice_axis
+    predicted, truth = np.moveaxis(true.labels, axis, 0), np.moveaxis(test_volume.label, axis, 0)
+    holding = [i for i in true.scored_slices if truth[i].any()]
+    assert np.mean([overlap(truth[i] > 0, predicted[i] > 0)[1] for i in holding]) > 0.5
+    scrambled = test_volume.label.copy()
+    moved = np.moveaxis(scrambled, axis, 0)
+    rng = np.random.default_rng(0)
+    for index in true.scored_slices:
+        moved[index] = rng.integers(0, 3, moved[index].shape)
+    assert np.array_equal(blended_run.predict_case(replace(test_volume, label=scrambled), extent).labels, true.labels)
+
+
+def test_the_prior_weight_is_a_share_of_the_two_qualities_and_a_hard_choice_at_large_sharpness():
+    assert within_volume.prior_weight(0.6, 0.3, 1.0) == pytest.approx(2 / 3)
+    assert within_volume.prior_weight(0.6, 0.3, 2.0) == pytest.approx(0.8)
+    assert within_volume.prior_weight(0.5, 0.5, 2.0) == within_volume.prior_weight(0.0, 0.0, 2.0) == 0.5
+    assert within_volume.prior_weight(0.0, 0.4, 2.0) == 0.0 and within_volume.prior_weight(0.4, 0.0, 2.0) == 1.0
+    assert (
+        within_volume.prior_weight(0.2, 0.3, 1e4) == 0.0 and within_volume.prior_weight(0.3, 0.2, 1e4) == 1.0
+    )  # no overflow

@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -456,32 +456,49 @@ class FewShotModel:
         """Label slices (N, H, W) for the embeddings (N, 256, 64, 64) of N consecutive slices: per
         pixel the task with the highest positive logit (the location head's most probable class for
         ``location_map``). A locator that smooths across slices reads the N slices as one stack."""
+        if self.variant.segmenter == "location_map":
+            with torch.inference_mode():
+                probabilities = self.locator.volume_probabilities(embeddings, slice_shape)
+            return np.asarray([0, *self.tasks], dtype=np.uint8)[probabilities.argmax(1)]
         values = list(self.tasks)
-        with torch.inference_mode():
-            if self.variant.segmenter == "decoder":
-                tokens = self.token_batch(model.device)
-                return np.stack(
-                    [
-                        resolve_overlaps(
-                            decode(self.decoder, model, e.to(model.device), tokens, slice_shape).cpu().numpy(), values
-                        )
-                        for e in embeddings
-                    ]
-                )
-            probabilities = self.locator.volume_probabilities(embeddings, slice_shape)
-            if self.variant.segmenter == "location_map":
-                return np.asarray([0, *values], dtype=np.uint8)[probabilities.argmax(1)]
-            return np.stack([self._decode_located(model, e, p, slice_shape) for e, p in zip(embeddings, probabilities)])
+        slices = self._slice_logits(model, embeddings, slice_shape)
+        return np.stack([resolve_overlaps(logits, values) for logits in slices])
 
-    def _decode_located(
+    def logits(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        """Per-task logits (N, T, H, W) for the embeddings (N, 256, 64, 64) of N consecutive slices, in
+        label order; -inf for a task the location head finds absent on a slice (``location_map``: the
+        head's log-odds of each task against background)."""
+        return np.stack(list(self._slice_logits(model, embeddings, slice_shape)))
+
+    def _slice_logits(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> Iterator[np.ndarray]:
+        """:meth:`logits` one slice (T, H, W) at a time, so that :meth:`segment` never holds a volume
+        of them."""
+        if self.variant.segmenter == "decoder":
+            tokens = self.token_batch(model.device)
+            for embedding in embeddings:
+                with torch.inference_mode():
+                    decoded = decode(self.decoder, model, embedding.to(model.device), tokens, slice_shape)
+                yield decoded.cpu().numpy()
+            return
+        with torch.inference_mode():
+            probabilities = self.locator.volume_probabilities(embeddings, slice_shape)
+        if self.variant.segmenter == "location_map":
+            clamped = np.clip(probabilities, 1e-8, None)
+            yield from np.log(clamped[:, 1:]) - np.log(clamped[:, :1])
+            return
+        for embedding, slice_probabilities in zip(embeddings, probabilities):
+            with torch.inference_mode():
+                located = self._located_logits(model, embedding, slice_probabilities, slice_shape)
+            yield located
+
+    def _located_logits(
         self, model: Sam, embedding: torch.Tensor, probabilities: np.ndarray, slice_shape: tuple[int, int]
     ) -> np.ndarray:
         """``decoder_box`` on one slice: each task the head finds gets its box; the others stay absent.
         ``decoder_box_fused`` averages the decoder's and the head's probabilities, the head's weighted by
         the variant's ``head_weight`` (logits of the mean)."""
-        values = list(self.tasks)
         regions = located_regions(probabilities)
-        logits = np.full((len(values), *slice_shape), -np.inf, dtype=np.float32)
+        logits = np.full((len(self.tasks), *slice_shape), -np.inf, dtype=np.float32)
         present = [index for index, region in enumerate(regions) if region.any()]
         if present:
             margin = self.locator.settings.box_margin
@@ -492,7 +509,7 @@ class FewShotModel:
                 task = torch.as_tensor(probabilities[[i + 1 for i in present]])
                 decoded = fused_logits(decoded, task, torch.as_tensor(probabilities[0]), self.variant.head_weight)
             logits[present] = decoded.numpy()
-        return resolve_overlaps(logits, values)
+        return logits
 
     def segment_volume(
         self,

@@ -438,6 +438,7 @@ def test_nnunet_trainers_may_be_listed_per_budget():
         ("msd_hippocampus", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
         ("openkbp_hn_ct", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13"),
         ("openkbp_hn_ct", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch32"),
+        ("openkbp_hn_ct", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch13"),
         ("spine_vb3", "full", "2d-nnUNetTrainer_fewsam5epochsBatch13NoMirroring"),
         ("spine_vb3", "matched", "2d-nnUNetTrainer_fewsam5epochsBatch13NoMirroring"),
         ("spine_vb3", "same_slices", "2d-nnUNetTrainer_fewsam5epochsBatch13NoMirroring"),

@@ -264,12 +264,18 @@ def _segment(args: argparse.Namespace) -> int:
         adapt_steps=args.adapt_steps,
         copy_distance=args.copy_distance,
         head_steps=args.head_steps,
+        blend=args.blend,
     )
     if result.support_slices:
         done = f"adapted {args.model} to" if result.adapted else ("read" if args.model else "trained on")
         print(f"{done} {len(result.support_slices)} labelled slices of {args.support}: {result.support_slices}")
-    if result.copy_distance is not None:
-        print(f"labelled slices kept; slices within {result.copy_distance} of one copy its labels")
+    if result.copy_distance is not None:  # the query was the support: its labelled slices are kept
+        how = ["labelled slices kept"]
+        if result.copy_distance:
+            how.append(f"slices within {result.copy_distance} of one copy its labels")
+        if result.blended:
+            how.append("the others blend the model with the labelled slices around them")
+        print("; ".join(how))
     if result.model_file is not None:
         print(f"few-shot model: {result.model_file}")
     voxels = ", ".join(f"{name} {count} voxels" for name, count in result.predicted_voxels.items())
@@ -448,6 +454,14 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         help=f"when --query is the --support volume: its labelled slices keep their labels and slices this "
         f"close to one copy them (default {COPY_DISTANCE}, measured best in the within-volume benchmark; 0: "
         f"labelled slices only)",
+    )
+    parser.add_argument(
+        "--blend",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="when --query is the --support volume: blend the model's probabilities on each slice with the "
+        "labelled slices around it, each weighted by how well it does on the labelled slices (the "
+        "within-volume benchmark's fewshot_blended_...; default off, docs/results.md says where it helped)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None)

@@ -142,6 +142,38 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
     assert (adapted[:, :, farther] != loaded[:, :, farther]).any()  # the fine-tuned head segments differently
 
 
+def test_segment_blend_leans_on_the_labelled_slices_where_the_model_is_weak(
+    partial_support, located_model, hippocampus, tmp_path, capsys
+):
+    """Every third slice of a real volume labelled; ``--blend`` keeps them and mixes them into the
+    slices between, so a weak model (10 decoder and 30 head steps) gains on the unlabelled slices."""
+    image, partial, _, _ = partial_support
+    label = nib.load(hippocampus.case(hippocampus.case_ids("train")[0]).label)
+    truth = np.asarray(label.dataobj).astype(np.uint8)
+    holding = [i for i in range(truth.shape[2]) if truth[:, :, i].any()]
+    keep = holding[1::3]
+    sparse = np.zeros_like(truth)
+    sparse[:, :, keep] = truth[:, :, keep]
+    nib.save(nib.Nifti1Image(sparse, label.affine, label.header), tmp_path / "sparse.nii.gz")
+    support = ["--model", located_model, "--support", image, "--support-labels", tmp_path / "sparse.nii.gz"]
+    outs = {name: tmp_path / f"{name}.nii.gz" for name in ("blend", "model")}
+    common = [*support, "--query", image, "--adapt-steps", "0"]
+    assert main(["segment", "--quiet", *map(str, [*common, "--blend", "--out", outs["blend"]])]) == 0
+    assert "labelled slices kept; the others blend the model with the labelled slices" in capsys.readouterr().out
+    no_blend = [*common, "--copy-distance", "0", "--out", outs["model"]]
+    assert main(["segment", "--quiet", *map(str, no_blend)]) == 0
+    blended, alone = (np.asarray(nib.load(outs[name]).dataobj) for name in ("blend", "model"))
+    for index in keep:
+        np.testing.assert_array_equal(blended[:, :, index], truth[:, :, index])
+    between = [i for i in range(keep[0], keep[-1]) if i not in keep]
+
+    def dice(predicted: np.ndarray) -> float:
+        pairs = [(truth[:, :, i] == task, predicted[:, :, i] == task) for i in between for task in (1, 2)]
+        return float(np.mean([overlap(*pair)[1] for pair in pairs]))
+
+    assert dice(blended) > max(0.6, dice(alone) + 0.05), (dice(blended), dice(alone))
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -155,6 +187,7 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
         ("copy_into_another_volume", "--copy-distance copies labels within one volume"),
         ("head_steps_without_a_head", "--head-steps: variant centred has no location head"),
         ("head_steps_with_a_model", "--head-steps trains a new model's location head; with --model use --adapt-steps"),
+        ("blend_into_another_volume", "--blend mixes in the labelled slices around each slice: give --query the"),
     ],
 )
 def test_segment_errors_are_one_clear_line(case, expected, partial_support, query, hippocampus, tmp_path, capsys):
@@ -172,6 +205,7 @@ def test_segment_errors_are_one_clear_line(case, expected, partial_support, quer
         "copy_into_another_volume": [*support, "--copy-distance", "1"],
         "head_steps_without_a_head": [*support, "--head-steps", "5"],
         "head_steps_with_a_model": ["--model", tmp_path / "model.pt", "--head-steps", "5"],
+        "blend_into_another_volume": [*support, "--blend"],
     }[case]
     query_image = tmp_path / "missing.nii.gz" if case == "missing_query" else query.image
     assert _segment(*arguments, "--query", query_image, "--out", tmp_path / "out.nii.gz") == 2

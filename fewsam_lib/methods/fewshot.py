@@ -461,18 +461,14 @@ class FewShotModel:
                 probabilities = self.locator.volume_probabilities(embeddings, slice_shape)
             return np.asarray([0, *self.tasks], dtype=np.uint8)[probabilities.argmax(1)]
         values = list(self.tasks)
-        slices = self._slice_logits(model, embeddings, slice_shape)
+        slices = self.slice_logits(model, embeddings, slice_shape)
         return np.stack([resolve_overlaps(logits, values) for logits in slices])
 
-    def logits(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
-        """Per-task logits (N, T, H, W) for the embeddings (N, 256, 64, 64) of N consecutive slices, in
-        label order; -inf for a task the location head finds absent on a slice (``location_map``: the
-        head's log-odds of each task against background)."""
-        return np.stack(list(self._slice_logits(model, embeddings, slice_shape)))
-
-    def _slice_logits(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> Iterator[np.ndarray]:
-        """:meth:`logits` one slice (T, H, W) at a time, so that :meth:`segment` never holds a volume
-        of them."""
+    def slice_logits(self, model: Sam, embeddings: torch.Tensor, slice_shape: tuple[int, int]) -> Iterator[np.ndarray]:
+        """Per-task logits (T, H, W) for each of N consecutive slices (embeddings (N, 256, 64, 64)), one
+        slice at a time so that a volume of them is never held; in label order, -inf for a task the
+        location head finds absent on a slice (``location_map``: the head's log-odds of each task
+        against background)."""
         if self.variant.segmenter == "decoder":
             tokens = self.token_batch(model.device)
             for embedding in embeddings:

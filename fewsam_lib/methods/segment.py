@@ -31,7 +31,7 @@ from .fewshot import (
     fit_fewshot,
     get_fewshot_variant,
 )
-from .within_volume import COPY_DISTANCE, copy_near_labelled
+from .within_volume import COPY_DISTANCE, SparseLabels, blended_segmentation, copy_near_labelled
 
 DEFAULT_INTENSITY = {"mode": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -45,6 +45,7 @@ class SegmentResult:
     model_file: Path | None
     adapted: bool = False  # a loaded model's location head fine-tuned on the support's labelled slices
     copy_distance: int | None = None  # the query is the support: labels copied this far from a labelled slice
+    blended: bool = False  # the query is the support: the model blended with the labelled slices around each slice
 
 
 def parse_label_names(text: str | None, values: list[int]) -> dict[int, str]:
@@ -154,6 +155,12 @@ def adapt_to_partial_labels(
     return model.adapted(embeddings, partial.labels, seed, steps=steps)
 
 
+def typical_gap(indices: list[int]) -> int:
+    """The median distance between consecutive labelled slices (1 for a single one): the blend's
+    ``step``, the distance over which it measures how well a labelled mask persists."""
+    return max(1, int(np.median(np.diff(indices)))) if len(indices) > 1 else 1
+
+
 def _same_file(first: str | Path | None, second: str | Path) -> bool:
     return first is not None and Path(first).resolve() == Path(second).resolve()
 
@@ -179,12 +186,15 @@ def segment_query(
     adapt_steps: int = ADAPT_STEPS,
     copy_distance: int | None = None,
     head_steps: int | None = None,
+    blend: bool = False,
 ) -> SegmentResult:
     """Segment every slice of ``query`` with a few-shot model and write the label volume. The model is
     trained on the support's labelled slices, or loaded (``model_file``), or loaded and its location
     head fine-tuned on the support's labelled slices (both given). When the query is the support
     volume, its labelled slices keep their labels, and slices within ``copy_distance`` (default
-    :data:`COPY_DISTANCE`) of one take its labels. ``head_steps`` replaces the variant's location-head
+    :data:`COPY_DISTANCE`; 0 with ``blend``) of one take its labels; with ``blend``, each other slice
+    blends the model's probabilities with the labelled slices around it (the within-volume track's
+    ``fewshot_blended_...``). ``head_steps`` replaces the variant's location-head
     training steps when a model is trained."""
     if slice_axis not in SLICE_AXES:
         raise FewsamError(f"--slice-axis must be one of {', '.join(SLICE_AXES)}, got '{slice_axis}'")
@@ -198,8 +208,10 @@ def segment_query(
         if get_fewshot_variant(variant).locator is None:
             raise FewsamError(f"--head-steps: variant {variant} has no location head")
     same_volume = _same_file(support, query)
+    if blend and not same_volume:
+        raise FewsamError("--blend mixes in the labelled slices around each slice: give --query the --support volume")
     if copy_distance is None:
-        copy_distance = COPY_DISTANCE if same_volume else 0
+        copy_distance = COPY_DISTANCE if same_volume and not blend else 0
     if copy_distance < 0:
         raise FewsamError(f"--copy-distance must be 0 or more, got {copy_distance}")
     if copy_distance > 0 and not same_volume:
@@ -244,7 +256,14 @@ def segment_query(
     axis = model.preprocessing["slice_axis"]
     grey = image_grey_slices(query_volume.image, parse_intensity(model.preprocessing["intensity"], str(query)), axis)
     embeddings = cache.get_many(grey, progress=progress, desc="encode query")
-    prediction = model.segment_volume(cache.backbone.model, embeddings, query_volume.shape, axis)
+    if blend:
+        labelled = SparseLabels(axis, typical_gap(partial.indices), partial.by_index())
+        span = range(query_volume.shape[axis])
+        labelled_embeddings = [embeddings[i] for i in partial.indices]
+        blended = blended_segmentation(model, cache.backbone.model, embeddings, span, labelled, labelled_embeddings)
+        prediction = np.ascontiguousarray(np.moveaxis(blended, 0, axis))
+    else:
+        prediction = model.segment_volume(cache.backbone.model, embeddings, query_volume.shape, axis)
     if same_volume:
         prediction = copy_near_labelled(prediction, axis, partial.by_index(), copy_distance)
     out = Path(out)
@@ -257,4 +276,5 @@ def segment_query(
         Path(save_model) if save_model else (Path(model_file) if model_file else None),
         adapted=model_file is not None and partial is not None and adapt_steps > 0,
         copy_distance=copy_distance if same_volume else None,
+        blended=blend,
     )

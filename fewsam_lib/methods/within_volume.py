@@ -19,7 +19,7 @@ import time
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ BOX_GROWTH = 0.10  # sam_box_propagated grows the nearest labelled mask's box by
 # Slices this close to a labelled slice take its labels in the adapted few-shot method and in
 # ``fewsam segment`` on the support volume itself (chosen on validation, docs/results.md).
 COPY_DISTANCE = 1
+# How hard the blended variant chooses between a model and the labelled slices (chosen on validation,
+# docs/results.md).
+BLEND_SHARPNESS = 4.0
 
 
 def labelled_slice_indices(
@@ -465,31 +468,53 @@ def prior_weight(prior_quality: float, model_quality: float, sharpness: float) -
 
 
 def blend_with_neighbours(
-    probabilities: np.ndarray,
+    probabilities: Iterable[np.ndarray],
     span: range,
     support: SparseLabels,
     values: list[int],
     model_quality: dict[int, float | None],
-    sharpness: float,
+    sharpness: float = BLEND_SHARPNESS,
 ) -> np.ndarray:
-    """Label slices (N, H, W) over ``span`` from a model's task probabilities (N, T, H, W), each task's
-    blended with its :func:`neighbour_prior`. The prior's weight is ``q_p^s / (q_p^s + q_m^s)``:
-    ``q_m`` the model's Dice on the labelled slices (``model_quality``), ``q_p`` the task's
-    :func:`label_persistence` raised to (distance / step), what copying a mask that far should score
-    if overlap decays evenly; ``s`` the ``sharpness``. A pixel takes the task of highest blended
-    probability above 0.5."""
-    labels = np.zeros((len(span), *probabilities.shape[2:]), dtype=np.uint8)
+    """Label slices (N, H, W) over ``span`` from a model's task probabilities, (T, H, W) per slice,
+    each task's blended with its :func:`neighbour_prior`. The prior's weight is
+    ``q_p^s / (q_p^s + q_m^s)``: ``q_m`` the model's Dice on the labelled slices (``model_quality``),
+    ``q_p`` the task's :func:`label_persistence` raised to (distance / step), what copying a mask that
+    far should score if overlap decays evenly; ``s`` the ``sharpness``. A pixel takes the task of
+    highest blended probability above 0.5."""
+    slice_shape = next(iter(support.slices.values())).shape
+    labels = np.zeros((len(span), *slice_shape), dtype=np.uint8)
     persistence = {value: label_persistence(support, value) for value in values}
-    for position, index in enumerate(span):
-        blended = np.zeros(probabilities.shape[1:], dtype=np.float32)
+    for position, (index, slice_probabilities) in enumerate(zip(span, probabilities, strict=True)):
+        blended = np.zeros(slice_probabilities.shape, dtype=np.float32)
         for task, value in enumerate(values):
             prior, distance = neighbour_prior(support, value, index)
             prior_quality = (persistence[value] or 0.0) ** (distance / support.step)
             weight = prior_weight(prior_quality, model_quality.get(value) or 0.0, sharpness)
-            blended[task] = weight * prior + (1 - weight) * probabilities[position, task]
+            blended[task] = weight * prior + (1 - weight) * slice_probabilities[task]
         best = blended.argmax(0)
         labels[position] = np.where(blended.max(0) > 0.5, np.asarray(values, dtype=np.uint8)[best], 0)
     return labels
+
+
+def blended_segmentation(
+    model: FewShotModel,
+    sam: Any,
+    embeddings: torch.Tensor,
+    span: range,
+    support: SparseLabels,
+    labelled: list[torch.Tensor],
+    sharpness: float = BLEND_SHARPNESS,
+    judged: FewShotModel | None = None,
+) -> np.ndarray:
+    """Label slices (N, H, W) over ``span`` (embeddings (N, 256, 64, 64)): ``model``'s task
+    probabilities blended with the labelled slices around each (:func:`blend_with_neighbours`), the
+    model's quality measured as ``judged``'s (default ``model``) on the labelled slices (embeddings
+    ``labelled``, in index order)."""
+    values = list(model.tasks)
+    quality = model_quality(judged or model, sam, labelled, support, values)
+    slice_shape = next(iter(support.slices.values())).shape
+    probabilities = (1 / (1 + np.exp(-logits)) for logits in model.slice_logits(sam, embeddings, slice_shape))
+    return blend_with_neighbours(probabilities, span, support, values, quality, sharpness)
 
 
 def model_quality(
@@ -513,7 +538,7 @@ class FewShotNeighbourBlend(FewShotAdapted):
     # Chosen on validation (docs/results.md): sharpness 4, and the adapted model's Dice on the
     # labelled slices (it was tuned on them, so optimistic) rather than the collection model's (an
     # honest estimate for a model that never saw them, if low); the settings differed by < 0.003.
-    sharpness: float = 4.0
+    sharpness: float = BLEND_SHARPNESS
     quality_of: str = "adapted"
 
     def __post_init__(self) -> None:
@@ -545,14 +570,10 @@ class FewShotNeighbourBlend(FewShotAdapted):
     def label_reached(
         self, model: FewShotModel, labelled: list[torch.Tensor], inputs: TrackInputs, targets: list[int]
     ) -> np.ndarray:
-        support, output, cache = inputs.support, inputs.empty(), inputs.cache
-        sam, values = cache.backbone.model, list(inputs.tasks)
+        support, output, sam = inputs.support, inputs.empty(), inputs.cache.backbone.model
         judged = self.model if self.quality_of == "collection" else model
-        quality = model_quality(judged, sam, labelled, support, values)
         span, embeddings = _reached_span(inputs, targets)
-        slice_shape = next(iter(support.slices.values())).shape
-        probabilities = 1 / (1 + np.exp(-model.logits(sam, embeddings, slice_shape)))
-        blended = blend_with_neighbours(probabilities, span, support, values, quality, self.sharpness)
+        blended = blended_segmentation(model, sam, embeddings, span, support, labelled, self.sharpness, judged)
         for index in targets:
             _put(output, support.axis, index, blended[index - span.start])
         return output

@@ -458,10 +458,11 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--blend",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="when --query is the --support volume: blend the model's probabilities on each slice with the "
-        "labelled slices around it, each weighted by how well it does on the labelled slices (the "
-        "within-volume benchmark's fewshot_blended_...; default off, docs/results.md says where it helped)",
+        default=None,
+        help="when --query is the --support volume (and by default then): blend the model's probabilities on "
+        "each slice with the labelled slices around it, each weighted by how well it does on the labelled slices "
+        "(the within-volume benchmark's best method, fewshot_blended_...; --no-blend: the model alone, with "
+        "--copy-distance)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None)

@@ -116,6 +116,7 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
     image, partial, _, keep = partial_support
     saved_bytes = located_model.read_bytes()
     support = ["--model", located_model, "--support", image, "--support-labels", partial, "--query", image]
+    support.append("--no-blend")  # the model alone, with the labels copied next to labelled slices
     outs = {name: tmp_path / f"{name}.nii.gz" for name in ("adapted", "loaded", "no_copy", "reloaded")}
     kept = tmp_path / "adapted.pt"
     assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["adapted"], "--save-model", kept])]) == 0
@@ -125,6 +126,7 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
     assert main(["segment", "--quiet", *map(str, [*support, "--out", outs["loaded"], "--adapt-steps", "0"])]) == 0
     assert located_model.read_bytes() == saved_bytes  # the saved model itself is never changed
     again = ["--model", kept, "--support", image, "--support-labels", partial, "--query", image, "--adapt-steps", "0"]
+    again.append("--no-blend")
     assert main(["segment", "--quiet", *map(str, [*again, "--out", outs["reloaded"]])]) == 0
     # the adapted model as saved, without copying (the same as adapting again with --copy-distance 0)
     assert main(["segment", "--quiet", *map(str, [*again, "--out", outs["no_copy"], "--copy-distance", "0"])]) == 0
@@ -145,8 +147,9 @@ def test_segment_on_the_support_volume_adapts_a_saved_model_and_copies_next_to_l
 def test_segment_blend_leans_on_the_labelled_slices_where_the_model_is_weak(
     partial_support, located_model, hippocampus, tmp_path, capsys
 ):
-    """Every third slice of a real volume labelled; ``--blend`` keeps them and mixes them into the
-    slices between, so a weak model (10 decoder and 30 head steps) gains on the unlabelled slices."""
+    """Every third slice of a real volume labelled; the blend (the default when the query is the
+    support) keeps them and mixes them into the slices between, so a weak model (10 decoder and 30
+    head steps) gains on the unlabelled slices over the model alone (``--no-blend``)."""
     image, partial, _, _ = partial_support
     label = nib.load(hippocampus.case(hippocampus.case_ids("train")[0]).label)
     truth = np.asarray(label.dataobj).astype(np.uint8)
@@ -158,9 +161,9 @@ def test_segment_blend_leans_on_the_labelled_slices_where_the_model_is_weak(
     support = ["--model", located_model, "--support", image, "--support-labels", tmp_path / "sparse.nii.gz"]
     outs = {name: tmp_path / f"{name}.nii.gz" for name in ("blend", "model")}
     common = [*support, "--query", image, "--adapt-steps", "0"]
-    assert main(["segment", "--quiet", *map(str, [*common, "--blend", "--out", outs["blend"]])]) == 0
+    assert main(["segment", "--quiet", *map(str, [*common, "--out", outs["blend"]])]) == 0
     assert "labelled slices kept; the others blend the model with the labelled slices" in capsys.readouterr().out
-    no_blend = [*common, "--copy-distance", "0", "--out", outs["model"]]
+    no_blend = [*common, "--no-blend", "--copy-distance", "0", "--out", outs["model"]]
     assert main(["segment", "--quiet", *map(str, no_blend)]) == 0
     blended, alone = (np.asarray(nib.load(outs[name]).dataobj) for name in ("blend", "model"))
     for index in keep:

@@ -4,9 +4,11 @@
 The support label volume may be partial: every slice with at least one labelled voxel counts as
 annotated (and fully annotated: a task missing from it is a negative example); slices with no
 label at all are ignored. The trained model can be saved and reused with ``--model``; a saved model
-given a support too has its location head fine-tuned on the support's labelled slices first, the
-within-volume track's best method (``fewshot_adapted_...``, docs/results.md). When the query is the
-support volume, its labelled slices keep their labels and their neighbours copy them.
+given a support too has its location head fine-tuned on the support's labelled slices first
+(``fewshot_adapted_...`` in the within-volume track). When the query is the support volume, its
+labelled slices keep their labels and the other slices blend the model with the labelled slices
+around them by default (``fewshot_blended_...``, the track's best, docs/results.md), or, with
+``--no-blend``, the slices next to a labelled one copy it.
 """
 
 from __future__ import annotations
@@ -186,16 +188,16 @@ def segment_query(
     adapt_steps: int = ADAPT_STEPS,
     copy_distance: int | None = None,
     head_steps: int | None = None,
-    blend: bool = False,
+    blend: bool | None = None,
 ) -> SegmentResult:
     """Segment every slice of ``query`` with a few-shot model and write the label volume. The model is
     trained on the support's labelled slices, or loaded (``model_file``), or loaded and its location
     head fine-tuned on the support's labelled slices (both given). When the query is the support
     volume, its labelled slices keep their labels, and slices within ``copy_distance`` (default
-    :data:`COPY_DISTANCE`; 0 with ``blend``) of one take its labels; with ``blend``, each other slice
-    blends the model's probabilities with the labelled slices around it (the within-volume track's
-    ``fewshot_blended_...``). ``head_steps`` replaces the variant's location-head
-    training steps when a model is trained."""
+    :data:`COPY_DISTANCE`; 0 with ``blend``) of one take its labels; with ``blend`` (default: when
+    the query is the support), each other slice blends the model's probabilities with the labelled
+    slices around it (the within-volume track's ``fewshot_blended_...``). ``head_steps`` replaces the
+    variant's location-head training steps when a model is trained."""
     if slice_axis not in SLICE_AXES:
         raise FewsamError(f"--slice-axis must be one of {', '.join(SLICE_AXES)}, got '{slice_axis}'")
     if (support is None) != (support_labels is None):
@@ -208,6 +210,8 @@ def segment_query(
         if get_fewshot_variant(variant).locator is None:
             raise FewsamError(f"--head-steps: variant {variant} has no location head")
     same_volume = _same_file(support, query)
+    if blend is None:
+        blend = same_volume  # the within-volume track's best (docs/results.md)
     if blend and not same_volume:
         raise FewsamError("--blend mixes in the labelled slices around each slice: give --query the --support volume")
     if copy_distance is None:

@@ -346,8 +346,13 @@ def _finish_panels(figure: plt.Figure, axes: np.ndarray, used: int) -> None:
     for ax in axes.ravel():
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
-    figure.tight_layout(rect=(0, 0.06 + 0.1 / axes.shape[0], 1, 1))
+    # As many columns (up to 3) as the longest label fits across the figure at this font size
+    # (about 0.06 in per character), and room below the panels for the legend's rows.
+    longest = max((len(label) for label in handles), default=0)
+    columns = max(1, min(3, int(figure.get_figwidth() // (0.06 * longest + 0.6))))
+    rows = -(-len(handles) // columns)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=columns, fontsize=7)
+    figure.tight_layout(rect=(0, (0.3 + 0.16 * rows) / figure.get_figheight(), 1, 1))
 
 
 def label_efficiency_figure(summary: pd.DataFrame, index: pd.DataFrame) -> plt.Figure:

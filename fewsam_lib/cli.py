@@ -452,8 +452,8 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         type=non_negative_int,
         default=None,
         help=f"when --query is the --support volume: its labelled slices keep their labels and slices this "
-        f"close to one copy them (default {COPY_DISTANCE}, measured best in the within-volume benchmark; 0: "
-        f"labelled slices only)",
+        f"close to one copy them (default {COPY_DISTANCE} with --no-blend, measured best in the within-volume "
+        f"benchmark; 0 with the blend, which weighs the labelled neighbours itself; 0: labelled slices only)",
     )
     parser.add_argument(
         "--blend",

@@ -410,8 +410,12 @@ def test_optional_backbones_join_the_matrix_only_when_their_checkpoint_is_presen
     assert {run.backbone for run in planned("spine_vb3", "sam_prompting")} == {"mobile_sam", "lite_medsam"}
     within_volume = {(run.variant, run.shots) for run in planned("spine_vb3", "within_volume")}
     baselines = ("nearest_slice", "interpolation", "sam_box_propagated")
-    adapted = "fewshot_adapted_located_augmented_head_weighted"
-    assert within_volume == {(variant, k) for variant in (*baselines, adapted) for k in (4, 8, 16)}
+    few_shot = ("fewshot_adapted_located_augmented_head_weighted", "fewshot_blended_located_augmented_head_weighted")
+    assert within_volume == {(variant, k) for variant in (*baselines, *few_shot) for k in (4, 8, 16)}
+    # the model trained on each volume's own slices joins k by k, on the hippocampus only
+    own = "fewshot_located_augmented_head_weighted"
+    assert {run.shots for run in planned("msd_hippocampus", "within_volume") if run.variant == own} == {8}
+    assert not [run for run in cpu_runs if run.variant == own and "hippocampus" not in run.manifest]
 
 
 def test_a_dataset_override_replaces_only_its_nested_keys_and_only_for_that_dataset():

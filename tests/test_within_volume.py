@@ -268,6 +268,10 @@ def test_the_report_says_plainly_where_few_shot_does_not_beat_copying_or_interpo
     assert "does not beat" in markdown
     header = next(line for line in markdown.splitlines() if "k=" in line)
     assert header.index("k=4") < header.index("k=8") < header.index("k=16")  # numeric, not first-seen, order
+    # a method the profile runs at fewer k shows a dash where it has no run, not "nan"
+    partial = within_volume_markdown(table[~((table.variant == "nearest_slice") & (table.k == 4))])
+    copy_row = next(line for line in partial.splitlines() if line.startswith("| t ") and "nearest_slice" in line)
+    assert "—" in copy_row and "nan" not in partial
     assert within_volume_verdicts(table[~table.variant.str.startswith("fewshot")]) == [
         "d · t · k=8: no few-shot run to compare yet",
         "d · t · k=16: no few-shot run to compare yet",

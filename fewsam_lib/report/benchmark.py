@@ -487,10 +487,16 @@ def within_volume_markdown(table: pd.DataFrame) -> str:
             shown = shown[sorted(shown.columns)]
             shown.columns = [f"k={k}" for k in shown.columns]
             shown = shown.reset_index().rename(columns={"label": "method"})
-            lines += [f"### {dataset} — {title}", "", shown.to_markdown(index=False, floatfmt=".3f"), ""]
+            shown = shown.astype(object).where(shown.notna(), None)  # tabulate's missingval takes None, not NaN
+            lines += [
+                f"### {dataset} — {title}",
+                "",
+                shown.to_markdown(index=False, floatfmt=".3f", missingval="—"),
+                "",
+            ]
     lines += [
         "Every k-th slice of each test volume labelled (first slice seeded); only the other slices "
-        "are scored. Mean over slices (or volumes).",
+        "are scored. Mean over slices (or volumes); — where the profile runs a method at fewer k.",
         "",
         "Quality bar (the best few-shot method against "
         "the better of nearest-slice copying and interpolation, slice Dice):",

@@ -314,3 +314,60 @@ def test_every_shipped_method_is_registered_with_its_notebook():
     for name in ("sam_prompting", "fewshot", "nnunet"):
         method = get_method(name)
         assert (REPO / "notebooks" / method.notebook).exists() and get_method(method.command) is method
+
+
+def _interrupted_after(cases: int, monkeypatch) -> list[str]:
+    """Make the evaluation loop fail when it loads case ``cases + 1``; returns the cases it loaded."""
+    import fewsam_lib.bench.evaluate as evaluation
+
+    loaded, load = [], evaluation.load_case
+
+    def failing_load(manifest, case_id):
+        if len(loaded) == cases:
+            raise KeyboardInterrupt  # what a session's end does to a run
+        loaded.append(case_id)
+        return load(manifest, case_id)
+
+    monkeypatch.setattr(evaluation, "load_case", failing_load)
+    return loaded
+
+
+def test_an_interrupted_run_goes_on_from_its_last_finished_case(tmp_path, monkeypatch):
+    within = {"variants": ["nearest_slice"], "steps": [2], "seeds": [0]}
+    profile = profile_file(tmp_path, within_volume=within, test_cases=3)
+    (run,) = load_profile(profile).runs()
+    whole = evaluate(run, results_dir=tmp_path / "whole", progress=False)
+
+    loaded = _interrupted_after(2, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(run, results_dir=tmp_path / "resumed", progress=False)
+    folder = planned_folder(run, tmp_path / "resumed")
+    progress = json.loads((folder / ".progress.json").read_text())
+    assert list(progress["cases"]) == loaded and not (folder / ".complete").exists()
+    assert sorted(p.name for p in (folder / "predictions").iterdir()) == [f"{case}.nii.gz" for case in loaded]
+
+    monkeypatch.undo()
+    loaded_again = _interrupted_after(3, monkeypatch)
+    evaluate(run, results_dir=tmp_path / "resumed", progress=False)
+    assert len(loaded_again) == 1 and loaded_again[0] not in loaded  # the finished cases are kept
+    meta, metrics = load_run(folder)
+    assert len(meta["attempts"]) == 2 and meta["attempts"][1]["cases_before"] == 2
+    assert not (folder / ".progress.json").exists()
+    pd.testing.assert_frame_equal(metrics, load_run(whole)[1])
+    assert meta["withheld_slices"] == load_run(whole)[0]["withheld_slices"]
+
+
+def test_an_unfinished_attempt_of_other_code_or_parameters_is_started_again(tmp_path, monkeypatch):
+    within = {"variants": ["nearest_slice"], "steps": [2], "seeds": [0]}
+    (run,) = load_profile(profile_file(tmp_path, within_volume=within, test_cases=2)).runs()
+    _interrupted_after(1, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(run, results_dir=tmp_path / "results", progress=False)
+    folder = planned_folder(run, tmp_path / "results")
+    progress = json.loads((folder / ".progress.json").read_text())
+    (folder / ".progress.json").write_text(json.dumps({**progress, "identity": "made by other code"}))
+
+    monkeypatch.undo()
+    loaded = _interrupted_after(2, monkeypatch)
+    evaluate(run, results_dir=tmp_path / "results", progress=False)
+    assert len(loaded) == 2 and "attempts" not in load_run(folder)[0]

@@ -120,6 +120,9 @@ def evaluate(
     rows: list[dict] = []
     axis = manifest.slice_axis
     for case_id in tqdm(case_ids, desc=spec.run_id, unit="case", disable=not progress):
+        if case_id in writer.finished:  # by an earlier attempt of this same run
+            rows += writer.finished[case_id]
+            continue
         volume = load_case(manifest, case_id)
         extent = profile.scored_slices(manifest, volume)
         writer.record_extent(case_id, extent, volume.shape[axis])
@@ -127,7 +130,7 @@ def evaluate(
         volume.save_on_original_grid(prediction.labels, writer.predictions / f"{case_id}.nii.gz")
         scored = list(extent) if prediction.scored_slices is None else prediction.scored_slices
         writer.record_withheld(case_id, prediction.withheld_slices)
-        rows += score_case(
+        case_rows = score_case(
             manifest,
             spec,
             volume,
@@ -137,4 +140,6 @@ def evaluate(
             extent=extent,
             withheld=prediction.withheld_slices,
         )
+        writer.case_finished(case_id, case_rows, dict(method_run.timings))
+        rows += case_rows
     return writer.finish(rows, timings=dict(method_run.timings), extra=dict(method_run.extra))

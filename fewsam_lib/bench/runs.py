@@ -9,10 +9,16 @@ One run = (dataset, method, variant, backbone, shots, seed, profile, encoder pat
 - ``metrics.csv``: tidy rows, one per (case, task, level[, slice]) — see :data:`METRIC_COLUMNS`.
 - ``predictions/<case_id>.nii.gz``: the predicted label map on the ground truth's grid.
 - ``notebook.ipynb``: the executed notebook, when the run came from one.
+
+While a run is unfinished, ``.progress.json`` holds its finished cases (their metric rows, slices
+and time): a later attempt with the same parameters, data, code and environment keeps them and
+their predictions, and goes on from the first case without one. ``run.json`` ``attempts`` counts
+the attempts; its timings add up each attempt's time to its last finished case.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -166,10 +172,37 @@ def environment() -> dict[str, Any]:
 COMPLETE_STAMP = ".complete"
 
 
-class RunWriter:
-    """Creates a run folder, clears a previous attempt's outputs, and marks it complete at the end."""
+PROGRESS = ".progress.json"
+# What an earlier attempt's finished cases carry over into run.json.
+CARRIED = ("scored_slices", "withheld_slices")
 
-    OUTPUTS = (COMPLETE_STAMP, "metrics.csv", "predictions", "run.json")
+
+def attempt_identity(parameters: dict[str, Any], provenance: dict[str, Any], setting: dict[str, Any]) -> str:
+    """What an attempt's finished cases depend on: an attempt goes on from an earlier one's only
+    when this is the same (the run's parameters and data, fewsam's source, the libraries, the
+    device and its thread count)."""
+    identity = {
+        "parameters": parameters,
+        "provenance": provenance,
+        "fewsam_source": paths.source_fingerprint(),
+        "environment": {key: value for key, value in setting.items() if key != "platform"},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sum_timings(*timings: dict[str, float]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for each in timings:
+        for key, seconds in each.items():
+            total[key] = total.get(key, 0.0) + seconds
+    return total
+
+
+class RunWriter:
+    """Creates a run folder, goes on from an unfinished earlier attempt of the same run or clears
+    it, records each finished case, and marks the run complete at the end."""
+
+    OUTPUTS = (COMPLETE_STAMP, "metrics.csv", "predictions", "run.json", PROGRESS)
 
     def __init__(
         self, spec: RunSpec, results_dir: str | Path | None, parameters: dict[str, Any], provenance: dict[str, Any]
@@ -177,15 +210,27 @@ class RunWriter:
         self.spec = spec
         self.folder = spec.folder(results_dir or default_results_dir())
         self.folder.mkdir(parents=True, exist_ok=True)
+        setting = environment()
+        self.identity = attempt_identity(parameters, provenance, setting)
+        earlier = self._earlier_attempt()
+        self.finished: dict[str, list[dict[str, Any]]] = earlier.get("cases", {})
+        self._earlier_timings: dict[str, float] = earlier.get("timings_s", {})
+        self._attempts: list[dict[str, Any]] = earlier.get("attempts", [])
+        kept = {f"{case_id}.nii.gz" for case_id in self.finished}
         for name in self.OUTPUTS:  # notebook.ipynb stays: papermill may be writing it right now
             target = self.folder / name
-            if target.is_dir():
+            if name == "predictions" and target.is_dir():
+                for prediction in target.iterdir():
+                    if prediction.name not in kept:
+                        prediction.unlink()
+            elif target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
         self.predictions = self.folder / "predictions"
-        self.predictions.mkdir()
+        self.predictions.mkdir(exist_ok=True)
         self._started = time.perf_counter()
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.meta: dict[str, Any] = {
             "status": "running",
             "run_id": spec.run_id,
@@ -193,10 +238,44 @@ class RunWriter:
             "parameters": parameters,
             **provenance,
             "code": code_version(),
-            "environment": environment(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": setting,
+            "started": self._attempts[0]["started"] if self._attempts else started,
+            **{key: earlier[key] for key in CARRIED if key in earlier},
         }
+        self._attempts.append({"started": started, "cases_before": len(self.finished)})
         paths.write_json(self.folder / "run.json", self.meta)
+        if self.finished:
+            print(f"{self.folder.name}: going on from an unfinished attempt, {len(self.finished)} cases kept")
+
+    def _earlier_attempt(self) -> dict[str, Any]:
+        """The finished cases of an unfinished attempt made with this run's identity, else nothing."""
+        try:
+            earlier = json.loads((self.folder / PROGRESS).read_text())
+        except (OSError, ValueError):
+            return {}
+        cases = earlier.get("cases", {})
+        if earlier.get("identity") != self.identity or not all(
+            (self.folder / "predictions" / f"{case_id}.nii.gz").is_file() for case_id in cases
+        ):
+            return {}
+        return earlier
+
+    def case_finished(self, case_id: str, rows: list[dict[str, Any]], timings: dict[str, float]) -> None:
+        """Record a case whose prediction is saved; ``timings``: this attempt's so far."""
+        # numpy scalars (a slice index, a voxel count) as JSON numbers, not strings
+        self.finished[case_id] = [
+            {key: value.item() if isinstance(value, np.generic) else value for key, value in row.items()}
+            for row in rows
+        ]
+        elapsed = {**timings, "total": time.perf_counter() - self._started}
+        progress = {
+            "identity": self.identity,
+            "cases": self.finished,
+            "timings_s": sum_timings(self._earlier_timings, elapsed),
+            "attempts": self._attempts,
+            **{key: self.meta[key] for key in CARRIED if key in self.meta},
+        }
+        paths.write_json(self.folder / PROGRESS, progress)
 
     def record_extent(self, case_id: str, extent: range, depth: int) -> None:
         """Note in run.json (``scored_slices``: [start, stop)) when a profile limited a case to a slab."""
@@ -216,11 +295,15 @@ class RunWriter:
         frame.to_csv(partial, index=False)
         partial.replace(self.folder / "metrics.csv")
         self.meta.update(extra or {})
-        self.meta["timings_s"] = {**timings, "total": time.perf_counter() - self._started}
+        elapsed = {**timings, "total": time.perf_counter() - self._started}
+        self.meta["timings_s"] = sum_timings(self._earlier_timings, elapsed)
+        if len(self._attempts) > 1:
+            self.meta["attempts"] = self._attempts
         self.meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.meta["rows"] = len(frame)
         self.meta["status"] = "complete"  # a run is complete only once this lands
         paths.write_json(self.folder / "run.json", self.meta)
+        (self.folder / PROGRESS).unlink(missing_ok=True)
         mark_complete(self.folder)
         return self.folder
 

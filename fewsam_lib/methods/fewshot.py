@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -776,17 +775,6 @@ class CollectionModel:
         return record
 
 
-@functools.lru_cache(maxsize=1)
-def source_fingerprint() -> str:
-    """sha256 of fewsam's own source files: a stored model is reused only by the code that trained it."""
-    package = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 class CollectionModelStore:
     """Trained collection models, content-addressed next to the embeddings they were trained on.
 
@@ -818,7 +806,7 @@ class CollectionModelStore:
             "variant": variant.definition(),
             "seed": seed,
             "preprocessing": preprocessing,
-            "fewsam_source": source_fingerprint(),
+            "fewsam_source": paths.source_fingerprint(),
             "torch": torch.__version__,
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())

@@ -347,25 +347,34 @@ def test_an_interrupted_run_goes_on_from_its_last_finished_case(tmp_path, monkey
     assert sorted(p.name for p in (folder / "predictions").iterdir()) == [f"{case}.nii.gz" for case in loaded]
 
     monkeypatch.undo()
+    _interrupted_after(0, monkeypatch)  # stopped again before it finishes a case: nothing is lost
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(run, results_dir=tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
     loaded_again = _interrupted_after(3, monkeypatch)
     evaluate(run, results_dir=tmp_path / "resumed", progress=False)
     assert len(loaded_again) == 1 and loaded_again[0] not in loaded  # the finished cases are kept
     meta, metrics = load_run(folder)
-    assert len(meta["attempts"]) == 2 and meta["attempts"][1]["cases_before"] == 2
+    assert [attempt["cases_before"] for attempt in meta["attempts"]] == [0, 2, 2]
+    assert meta["timings_s"]["total"] >= meta["timings_s"]["segment"] > 0
     assert not (folder / ".progress.json").exists()
     pd.testing.assert_frame_equal(metrics, load_run(whole)[1])
     assert meta["withheld_slices"] == load_run(whole)[0]["withheld_slices"]
 
 
-def test_an_unfinished_attempt_of_other_code_or_parameters_is_started_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["identity", "slab"])
+def test_an_unfinished_attempt_of_other_code_or_settings_is_started_again(tmp_path, monkeypatch, change):
     within = {"variants": ["nearest_slice"], "steps": [2], "seeds": [0]}
     (run,) = load_profile(profile_file(tmp_path, within_volume=within, test_cases=2)).runs()
     _interrupted_after(1, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         evaluate(run, results_dir=tmp_path / "results", progress=False)
     folder = planned_folder(run, tmp_path / "results")
-    progress = json.loads((folder / ".progress.json").read_text())
-    (folder / ".progress.json").write_text(json.dumps({**progress, "identity": "made by other code"}))
+    if change == "identity":  # as other code, libraries or parameters would make it
+        progress = json.loads((folder / ".progress.json").read_text())
+        (folder / ".progress.json").write_text(json.dumps({**progress, "identity": "made by other code"}))
+    else:  # the same profile file, its slab grown: the kept case would be scored on other slices
+        profile_file(tmp_path, within_volume=within, test_cases=2, test_slices=6)
 
     monkeypatch.undo()
     loaded = _interrupted_after(2, monkeypatch)

@@ -113,10 +113,22 @@ def evaluate(
         "test_cases": case_ids,
         **method_run.parameters(),
     }
+    # What else decides a case's prediction and rows: an unfinished attempt is gone on from only
+    # when these are the same.
+    scope = {
+        "test_slices": profile.test_slices,
+        "evaluate_on": profile.evaluate_on,
+        "validation": [profile.validation_fraction, profile.validation_seed],
+    }
     writer = RunWriter(
-        spec, results_dir, parameters=parameters, provenance={"data": manifest.summary(), **method_run.provenance()}
+        spec,
+        results_dir,
+        parameters=parameters,
+        provenance={"data": manifest.summary(), **method_run.provenance()},
+        scope=scope,
     )
     method_run.prepare(writer, case_ids)
+    writer.prepared(method_run.timings)
     rows: list[dict] = []
     axis = manifest.slice_axis
     for case_id in tqdm(case_ids, desc=spec.run_id, unit="case", disable=not progress):

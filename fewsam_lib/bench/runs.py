@@ -177,13 +177,16 @@ PROGRESS = ".progress.json"
 CARRIED = ("scored_slices", "withheld_slices")
 
 
-def attempt_identity(parameters: dict[str, Any], provenance: dict[str, Any], setting: dict[str, Any]) -> str:
+def attempt_identity(
+    parameters: dict[str, Any], provenance: dict[str, Any], scope: dict[str, Any], setting: dict[str, Any]
+) -> str:
     """What an attempt's finished cases depend on: an attempt goes on from an earlier one's only
-    when this is the same (the run's parameters and data, fewsam's source, the libraries, the
-    device and its thread count)."""
+    when this is the same (the run's parameters and data, the profile's ``scope`` of a case such as
+    its slab, fewsam's source, the libraries, the device and its thread count)."""
     identity = {
         "parameters": parameters,
         "provenance": provenance,
+        "scope": scope,
         "fewsam_source": paths.source_fingerprint(),
         "environment": {key: value for key, value in setting.items() if key != "platform"},
     }
@@ -198,52 +201,73 @@ def sum_timings(*timings: dict[str, float]) -> dict[str, float]:
     return total
 
 
+def _remove(target: Path) -> None:
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+
+
 class RunWriter:
     """Creates a run folder, goes on from an unfinished earlier attempt of the same run or clears
-    it, records each finished case, and marks the run complete at the end."""
+    it, records each finished case, and marks the run complete at the end.
+
+    Timings: what a method's preparation took in the latest attempt (nnU-Net's training is read
+    from its logs; a stored collection model is read back), plus the case loop of every attempt;
+    ``total`` adds each attempt's time up to its last finished case.
+    """
 
     OUTPUTS = (COMPLETE_STAMP, "metrics.csv", "predictions", "run.json", PROGRESS)
 
     def __init__(
-        self, spec: RunSpec, results_dir: str | Path | None, parameters: dict[str, Any], provenance: dict[str, Any]
+        self,
+        spec: RunSpec,
+        results_dir: str | Path | None,
+        parameters: dict[str, Any],
+        provenance: dict[str, Any],
+        scope: dict[str, Any] | None = None,
     ) -> None:
         self.spec = spec
         self.folder = spec.folder(results_dir or default_results_dir())
         self.folder.mkdir(parents=True, exist_ok=True)
         setting = environment()
-        self.identity = attempt_identity(parameters, provenance, setting)
+        self.identity = attempt_identity(parameters, provenance, scope or {}, setting)
         earlier = self._earlier_attempt()
         self.finished: dict[str, list[dict[str, Any]]] = earlier.get("cases", {})
-        self._earlier_timings: dict[str, float] = earlier.get("timings_s", {})
-        self._attempts: list[dict[str, Any]] = earlier.get("attempts", [])
+        self._earlier_loop: dict[str, float] = earlier.get("loop_s", {})
+        self._earlier_elapsed: float = earlier.get("elapsed_s", 0.0)
+        self._preparation: dict[str, float] = {}
         kept = {f"{case_id}.nii.gz" for case_id in self.finished}
         for name in self.OUTPUTS:  # notebook.ipynb stays: papermill may be writing it right now
             target = self.folder / name
             if name == "predictions" and target.is_dir():
                 for prediction in target.iterdir():
                     if prediction.name not in kept:
-                        prediction.unlink()
-            elif target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+                        _remove(prediction)
+            elif name != PROGRESS or not earlier:
+                _remove(target)
         self.predictions = self.folder / "predictions"
         self.predictions.mkdir(exist_ok=True)
         self._started = time.perf_counter()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        code = code_version()
+        self._attempts: list[dict[str, Any]] = [
+            *earlier.get("attempts", []),
+            {"started": started, "cases_before": len(self.finished), "git_commit": code["git_commit"]},
+        ]
         self.meta: dict[str, Any] = {
             "status": "running",
             "run_id": spec.run_id,
             **asdict(spec),
             "parameters": parameters,
             **provenance,
-            "code": code_version(),
+            "code": code,
             "environment": setting,
-            "started": self._attempts[0]["started"] if self._attempts else started,
+            "started": self._attempts[0]["started"],
             **{key: earlier[key] for key in CARRIED if key in earlier},
         }
-        self._attempts.append({"started": started, "cases_before": len(self.finished)})
         paths.write_json(self.folder / "run.json", self.meta)
+        self._save_progress(None)  # from here a second interruption keeps what the first one left
         if self.finished:
             print(f"{self.folder.name}: going on from an unfinished attempt, {len(self.finished)} cases kept")
 
@@ -260,22 +284,37 @@ class RunWriter:
             return {}
         return earlier
 
+    def prepared(self, timings: dict[str, float]) -> None:
+        """Note the method's timings after its preparation (``MethodRun.prepare``), before any case."""
+        self._preparation = dict(timings)
+
+    def _loop(self, timings: dict[str, float]) -> dict[str, float]:
+        """The case loops' timings of every attempt so far, from this attempt's ``timings``."""
+        loop = {key: seconds - self._preparation.get(key, 0.0) for key, seconds in timings.items()}
+        return sum_timings(self._earlier_loop, loop)
+
+    def _elapsed(self) -> float:
+        return self._earlier_elapsed + time.perf_counter() - self._started
+
+    def _save_progress(self, timings: dict[str, float] | None) -> None:
+        progress = {
+            "identity": self.identity,
+            "cases": self.finished,
+            "loop_s": self._earlier_loop if timings is None else self._loop(timings),
+            "elapsed_s": self._earlier_elapsed if timings is None else self._elapsed(),
+            "attempts": self._attempts,
+            **{key: self.meta[key] for key in CARRIED if key in self.meta},
+        }
+        paths.write_json(self.folder / PROGRESS, progress)
+
     def case_finished(self, case_id: str, rows: list[dict[str, Any]], timings: dict[str, float]) -> None:
-        """Record a case whose prediction is saved; ``timings``: this attempt's so far."""
+        """Record a case whose prediction is saved; ``timings``: the method's, this attempt's so far."""
         # numpy scalars (a slice index, a voxel count) as JSON numbers, not strings
         self.finished[case_id] = [
             {key: value.item() if isinstance(value, np.generic) else value for key, value in row.items()}
             for row in rows
         ]
-        elapsed = {**timings, "total": time.perf_counter() - self._started}
-        progress = {
-            "identity": self.identity,
-            "cases": self.finished,
-            "timings_s": sum_timings(self._earlier_timings, elapsed),
-            "attempts": self._attempts,
-            **{key: self.meta[key] for key in CARRIED if key in self.meta},
-        }
-        paths.write_json(self.folder / PROGRESS, progress)
+        self._save_progress(timings)
 
     def record_extent(self, case_id: str, extent: range, depth: int) -> None:
         """Note in run.json (``scored_slices``: [start, stop)) when a profile limited a case to a slab."""
@@ -295,8 +334,7 @@ class RunWriter:
         frame.to_csv(partial, index=False)
         partial.replace(self.folder / "metrics.csv")
         self.meta.update(extra or {})
-        elapsed = {**timings, "total": time.perf_counter() - self._started}
-        self.meta["timings_s"] = sum_timings(self._earlier_timings, elapsed)
+        self.meta["timings_s"] = {**sum_timings(self._preparation, self._loop(timings)), "total": self._elapsed()}
         if len(self._attempts) > 1:
             self.meta["attempts"] = self._attempts
         self.meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -343,7 +343,7 @@ def test_an_interrupted_run_goes_on_from_its_last_finished_case(tmp_path, monkey
         evaluate(run, results_dir=tmp_path / "resumed", progress=False)
     folder = planned_folder(run, tmp_path / "resumed")
     progress = json.loads((folder / ".progress.json").read_text())
-    assert list(progress["cases"]) == loaded and not (folder / ".complete").exists()
+    assert list(progress["cases"]) == loaded and progress["case_count"] == 3 and not (folder / ".complete").exists()
     assert sorted(p.name for p in (folder / "predictions").iterdir()) == [f"{case}.nii.gz" for case in loaded]
 
     monkeypatch.undo()

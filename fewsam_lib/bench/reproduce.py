@@ -20,7 +20,15 @@ from ..methods.base import PlannedRun, get_method
 from .evaluate import planned_folder, run_spec
 from .notebooks import run_dataset_overview, run_notebook, run_report
 from .profiles import load_profile
-from .runs import COMPLETE_STAMP, IncompleteRun, default_results_dir, load_run, mark_complete, run_folders
+from .runs import (
+    COMPLETE_STAMP,
+    IncompleteRun,
+    default_results_dir,
+    finished_share,
+    load_run,
+    mark_complete,
+    run_folders,
+)
 
 
 def is_complete(folder: Path) -> bool:
@@ -168,24 +176,29 @@ def estimate_remaining(profile: str, results_dir: str | Path | None = None) -> s
     chosen = load_profile(profile)
     results_dir = Path(results_dir) if results_dir else default_results_dir()
     measured = measured_totals(results_dir)
-    remaining, seconds, unknown = 0, 0.0, 0
+    remaining, seconds, unknown, begun = 0, 0.0, 0, 0
     for run in chosen.runs():
         spec = run_spec(run)
-        if is_complete(spec.folder(results_dir)):
+        folder = spec.folder(results_dir)
+        if is_complete(folder):
             continue
         remaining += 1
+        left = 1.0 - finished_share(folder)  # an unfinished run goes on from its last finished case
+        begun += left < 1.0
         same = measured[(measured.method == spec.method) & (measured.dataset == spec.dataset)]
         for keys in ({"backbone": spec.backbone, "shots": spec.shots}, {"backbone": spec.backbone}, {}):
             match = same
             for column, value in keys.items():
                 match = match[match[column].isna()] if value is None else match[match[column] == value]
             if len(match):
-                seconds += float(match.total_s.median())
+                seconds += float(match.total_s.median()) * left
                 break
         else:
             unknown += 1
     if not remaining:
         return f"every run of profile {chosen.name} is complete"
-    text = f"{remaining} runs to do in profile {chosen.name}: about {seconds / 3600:.1f} h of run totals"
+    text = f"{remaining} runs to do in profile {chosen.name}"
+    text += f" ({begun} of them part done, going on from their finished cases)" if begun else ""
+    text += f": about {seconds / 3600:.1f} h of run totals"
     text += " (medians of measured complete runs of the same method, dataset and backbone"
     return text + (f"; {unknown} without a measured match, not counted)" if unknown else ")")

@@ -208,6 +208,15 @@ def _remove(target: Path) -> None:
         target.unlink(missing_ok=True)
 
 
+def finished_share(folder: Path) -> float:
+    """The share of its cases an unfinished run has finished (0 without a record of progress)."""
+    try:
+        progress = json.loads((folder / PROGRESS).read_text())
+        return len(progress["cases"]) / progress["case_count"]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return 0.0
+
+
 class RunWriter:
     """Creates a run folder, goes on from an unfinished earlier attempt of the same run or clears
     it, records each finished case, and marks the run complete at the end.
@@ -232,6 +241,7 @@ class RunWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         setting = environment()
         self.identity = attempt_identity(parameters, provenance, scope or {}, setting)
+        self._case_count = len(parameters.get("test_cases") or [])
         earlier = self._earlier_attempt()
         self.finished: dict[str, list[dict[str, Any]]] = earlier.get("cases", {})
         self._earlier_loop: dict[str, float] = earlier.get("loop_s", {})
@@ -299,6 +309,7 @@ class RunWriter:
     def _save_progress(self, timings: dict[str, float] | None) -> None:
         progress = {
             "identity": self.identity,
+            "case_count": self._case_count,
             "cases": self.finished,
             "loop_s": self._earlier_loop if timings is None else self._loop(timings),
             "elapsed_s": self._earlier_elapsed if timings is None else self._elapsed(),

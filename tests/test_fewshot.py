@@ -35,6 +35,7 @@ from fewsam_lib.methods.fewshot import (
     load_support,
     point_token_norm,
     pooled_embedding,
+    train_decoder,
     train_on_collection,
 )
 
@@ -171,6 +172,27 @@ def test_same_seed_same_weights_other_seed_other_weights(support, hippocampus):
     weights, same, different = (m.decoder.state_dict() for m in (first, again, other))
     assert all(torch.equal(weights[name], same[name]) for name in weights)
     assert not all(torch.equal(weights[name], different[name]) for name in weights)
+
+
+def test_a_support_slice_showing_no_task_is_left_out_of_box_prompted_decoder_training(support, hippocampus):
+    """Every k-th slice of a volume may fall between its organs (CT at k = 4): with boxes such a
+    slice has nothing to train, and it must neither fail the run nor change what the others train."""
+    cache, embeddings, labels = support
+    model = cache.backbone.model
+    variant = get_fewshot_variant("located_augmented_head_weighted").with_schedule(steps=3)
+    tokens = few_shot_tokens(model, embeddings, labels, hippocampus.tasks, variant.tokens)
+
+    def train(slices, label_slices):
+        decoder, _ = train_decoder(
+            model, tokens, slices, label_slices, hippocampus.tasks, variant.schedule, 0, progress=False, with_boxes=True
+        )
+        return decoder.state_dict()
+
+    alone = train(embeddings, labels)
+    with_empty = train([embeddings[0], *embeddings], [np.zeros_like(labels[0]), *labels])
+    assert all(torch.equal(alone[name], with_empty[name]) for name in alone)
+    with pytest.raises(FewsamError, match="no support slice shows any of the tasks"):
+        train(embeddings[:1], [np.zeros_like(labels[0])])
 
 
 def short_profile(tmp_path: Path, steps: int) -> str:

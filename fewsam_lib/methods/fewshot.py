@@ -624,7 +624,9 @@ def train_decoder(
     Without boxes every support slice trains every task: a task missing from a slice is a negative
     example. With boxes (``decoder_box``) a slice trains the tasks it shows, each prompted by its
     token and its ground-truth box jittered as the ``jitter`` prompt is (up to 10% of each side),
-    since at inference the box comes from the location head, which finds absent tasks itself.
+    since at inference the box comes from the location head, which finds absent tasks itself; a
+    slice that shows no task (a volume's labelled slice between organs) then trains nothing and is
+    never drawn.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -644,10 +646,13 @@ def train_decoder(
             decode_with_boxes(decoder, model, embedding, token_batch[shown], boxes, shape), target[shown]
         )
 
+    drawable = [index for index, target in enumerate(targets) if target.any() or not with_boxes]
+    if not drawable:
+        raise FewsamError(f"no support slice shows any of the tasks {', '.join(tasks.values())}: nothing to train on")
     history = []
-    per_step = min(settings.slices_per_step, len(embeddings))
+    per_step = min(settings.slices_per_step, len(drawable))
     for _ in tqdm(range(settings.steps), desc="train decoder", unit="step", disable=not progress):
-        picks = rng.choice(len(embeddings), size=per_step, replace=False)
+        picks = [drawable[pick] for pick in rng.choice(len(drawable), size=per_step, replace=False)]
         loss = sum(slice_loss(i) for i in picks) / per_step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
